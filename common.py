@@ -1,0 +1,368 @@
+"""What Grounding DINO (gdino.py) and D-FINE (dfine.py) truly share, and nothing model-specific.
+
+1. images: load_image (path, URL, PIL image or array; EXIF orientation; any mode to RGB)
+2. boxes: center <-> corners, inverse_sigmoid
+3. multi-scale deformable attention, readable PyTorch (kernels.py implements the same contract)
+4. loading: a Hub id or a local folder -> files (huggingface_hub); safetensors -> model through an explicit key map
+5. drawing: detections over the image, saved as PNG (matplotlib)
+6. stage dumps: save named tensors with metadata; `python common.py compare A B`
+
+Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class InputError(ValueError):
+    """Bad input from the user (image, prompt, threshold, model id): the message says what to do."""
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that cannot be loaded as it is: the message names the file or the keys."""
+
+
+def check_threshold(name: str, value: float) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"{name} must be between 0 and 1, got {value}")
+    return float(value)
+
+
+# -----------------------------------------------------------------------------
+# 1. Images
+
+MIN_SIDE = 16  # smaller images carry nothing a detector can use; refuse rather than return noise
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB, the same way every time.
+
+    - RGB: unchanged.  L, 1, P, CMYK, YCbCr, HSV: PIL's own conversion (P looks up its palette).
+    - LA, RGBA, PA, P with transparency: the alpha channel is dropped, colours kept as stored
+      (what transformers' `load_image` does with `convert("RGB")`; no compositing on white).
+    - I;16 (16-bit grey) and I (32-bit int): clipped to [0, 65535], divided by 257 and rounded
+      (65535 -> 255), then grey to RGB. PIL's own convert would clip at 255 and turn most pixels white.
+    - F (float grey): clipped to [0, 255] and rounded.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        a = np.rint(np.clip(a, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "F":
+        a = np.rint(np.clip(np.asarray(img, dtype=np.float64), 0, 255)).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
+    """A path, an http(s) URL, a PIL image or an (H, W, 3) uint8 array -> an RGB PIL image, EXIF-upright."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise InputError(f"an image array must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
+        img = Image.fromarray(source, mode="RGB")
+    elif isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (str, Path)):
+        s = str(source)
+        if s.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(s, timeout=20) as r:
+                    data = r.read()
+            except Exception as e:  # URLError, timeouts, HTTP errors: all say the same to the user
+                raise InputError(f"cannot download image {s} ({e}); check the URL or pass a local file") from None
+            name, fp = s, io.BytesIO(data)
+        else:
+            p = Path(s).expanduser()
+            if not p.exists():
+                raise InputError(f"image not found: {p}")
+            if p.is_dir():
+                raise InputError(f"{p} is a directory; pass an image file")
+            name, fp = str(p), p
+        try:
+            img = Image.open(fp)
+            img.load()  # decode now, so a truncated file fails here and not inside the model
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise InputError(f"{name} is not a readable image ({e})") from None
+    else:
+        raise InputError(f"cannot read an image from {type(source).__name__}; pass a path, URL, PIL image or array")
+    img = _to_rgb(ImageOps.exif_transpose(img))  # EXIF first: a phone photo stored sideways is turned upright
+    if min(img.size) < MIN_SIDE:
+        raise InputError(f"image is {img.width}x{img.height} pixels; detection needs at least {MIN_SIDE} per side")
+    return img
+
+
+# -----------------------------------------------------------------------------
+# 2. Boxes
+
+
+def center_to_corners(b: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # (..., 4) xyxy
+
+
+def corners_to_center(b: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = b.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)  # (..., 4) cxcywh
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+# -----------------------------------------------------------------------------
+# 3. Multi-scale deformable attention (Deformable DETR, eq. 3), readable version
+#
+# The contract, shared with kernels.py:
+#   value               (B, S, nH, hD)   S = sum of H_l * W_l, levels flattened row-major, fine to coarse
+#   spatial_shapes      [(H_l, W_l)] * L
+#   points_per_level    [P_l] * L        Grounding DINO [P] * L, D-FINE [3, 6, 3]; P = sum(P_l), level-major
+#   sampling_locations  (B, Q, nH, P, 2) x, y in [0, 1] of the map (values outside are allowed)
+#   attention_weights   (B, Q, nH, P)    already normalised by the caller
+#   -> output           (B, Q, nH * hD)  channel c = head * hD + j
+# Sampling rule (align_corners=False): location x maps to pixel coordinate x * W_l - 0.5, so pixel centres sit at
+# +0.5; bilinear between the four neighbours; a neighbour outside the map reads as zero.
+
+
+def ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights):
+    B, S, nH, hD = value.shape
+    _, Q, _, P, _ = sampling_locations.shape
+    assert S == sum(h * w for h, w in spatial_shapes), f"value has {S} tokens, shapes {spatial_shapes} give another"
+    assert P == sum(points_per_level), f"{P} points but points_per_level {points_per_level}"
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)  # L x (B, H_l*W_l, nH, hD)
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B*nH, Q, P, 2) in grid_sample's [-1, 1]
+    grids = grids.split(list(points_per_level), dim=2)  # L x (B*nH, Q, P_l, 2)
+    sampled = []
+    for (h, w), v, g in zip(spatial_shapes, values, grids):
+        v = v.flatten(2).transpose(1, 2).reshape(B * nH, hD, h, w)  # (B*nH, hD, H_l, W_l): one image per head
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+        # each (B*nH, hD, Q, P_l)
+    weights = attention_weights.transpose(1, 2).reshape(B * nH, 1, Q, P)  # (B*nH, 1, Q, P)
+    out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # (B*nH, hD, Q)
+    return out.view(B, nH * hD, Q).transpose(1, 2).contiguous()  # (B, Q, nH*hD)
+
+
+def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights, backend="torch"):
+    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device)."""
+    if backend == "torch":
+        return ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
+    if backend == "numba":
+        import kernels  # imported on first use: numba takes a second to import and the default path needs none
+
+        return kernels.ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
+    raise InputError(f"unknown backend {backend!r}; use 'torch' or 'numba'")
+
+
+# -----------------------------------------------------------------------------
+# 4. Loading: files from the Hub or a folder, then safetensors through an explicit key map
+
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, tokenizer, vocab, weights; never pickled *.bin
+
+
+def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a Hub id downloaded (or found in the cache) by huggingface_hub -> a folder of files.
+
+    huggingface_hub brings the cache, HF_HUB_OFFLINE and progress bars; we only turn its errors into advice.
+    """
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise LoadError(f"{p} has no config.json; point to a folder saved by save_pretrained or a Hub id")
+        return p
+    if p.exists():
+        raise LoadError(f"{p} is a file; pass the folder that holds config.json and model.safetensors")
+    s = str(name_or_path)
+    if s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise LoadError(f"no folder {s} and it is not a Hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(s, revision=revision, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise LoadError(f"unknown model id {s}: no such repository on the Hugging Face Hub") from None
+    except RevisionNotFoundError:
+        raise LoadError(f"{s} has no revision {revision!r}") from None
+    except HFValidationError as e:
+        raise LoadError(f"{s} is neither a folder nor a valid Hub id ({e})") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise LoadError(f"cannot reach the Hugging Face Hub and {s} is not in the local cache ({type(e).__name__}); "
+                        f"download it on a connected machine, or pass a local folder with config.json and "
+                        f"model.safetensors") from None
+
+
+def read_config(folder: Path, model_types: Sequence[str]) -> dict:
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") not in model_types:
+        raise LoadError(f"{folder} holds a {cfg.get('model_type')!r} checkpoint; this file loads {list(model_types)}")
+    return cfg
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index maps each tensor to its shard
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
+        raise LoadError(f"{folder} has only pickled weights; we read safetensors only (re-save with "
+                        f"save_pretrained(..., safe_serialization=True))")
+    raise LoadError(f"{folder} has no model.safetensors")
+
+
+def load_weights(model: torch.nn.Module, files: Sequence[Path], key_map: Callable[[str], str | None]) -> None:
+    """Read every tensor, rename it with key_map (None = drop on purpose) and load; any mismatch stops the load.
+
+    Two file keys may map to one module name (a head stored twice): allowed only when the tensors are equal.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    expected = model.state_dict()
+    loaded, unexpected, wrong_shape, conflict = {}, [], [], []
+    for f in files:
+        if not Path(f).is_file():
+            raise LoadError(f"weight file missing: {f}")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    name = key_map(key)
+                    if name is None:
+                        continue
+                    if name not in expected:
+                        unexpected.append(key if name == key else f"{key} (as {name})")
+                        continue
+                    t = sf.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[name].shape):
+                        wrong_shape.append(f"{key}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}")
+                    elif name in loaded and not torch.equal(loaded[name], t.to(loaded[name].dtype)):
+                        conflict.append(f"{key} -> {name}")
+                    else:
+                        loaded[name] = t
+        except SafetensorError as e:
+            raise LoadError(f"cannot read {f}: {e} (truncated or not a safetensors file? download it again)") from None
+    missing = [k for k in expected if k not in loaded]
+    problems = [(label, names) for label, names in [("missing", missing), ("unexpected", unexpected),
+                                                    ("wrong shape", wrong_shape), ("conflicting", conflict)] if names]
+    if problems:
+        lines = [f"{len(names)} {label} key(s): " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                 for label, names in problems]
+        raise LoadError(f"checkpoint {Path(files[0]).parent} does not fit the model:\n  " + "\n  ".join(lines))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in loaded.items()}, strict=True)
+
+
+# -----------------------------------------------------------------------------
+# 5. Drawing
+
+
+def draw_detections(image: Image.Image, boxes, labels: Sequence[str], scores, path: str | Path) -> None:
+    """Boxes (xyxy pixels), their labels and scores over the image, written to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(image.width / 100, image.height / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(image)
+    ax.set_axis_off()
+    colours = plt.get_cmap("tab10")
+    for i, ((x0, y0, x1, y1), label, score) in enumerate(zip(np.asarray(boxes).tolist(), labels, np.asarray(scores))):
+        c = colours(i % 10)
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2))
+        ax.text(x0, y0, f"{label} {score:.2f}", color="white", fontsize=9, va="bottom",
+                bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 6. Stage dumps: reference tensors for ports to check themselves against
+
+
+def sha256_of(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def flatten_stages(stages: dict) -> dict[str, torch.Tensor]:
+    """{name: tensor | list of tensors} -> {name or name.i: tensor}, in the order given."""
+    flat = {}
+    for name, v in stages.items():
+        if isinstance(v, torch.Tensor):
+            flat[name] = v
+        elif isinstance(v, (list, tuple)):
+            flat.update({f"{name}.{i}": t for i, t in enumerate(v) if isinstance(t, torch.Tensor)})
+    return flat
+
+
+def save_stages(path: str | Path, stages: dict, model_id: str, revision: str | None, inputs: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in flatten_stages(stages).items()}
+    meta = {"model_id": str(model_id), "revision": str(revision), "input_sha256": sha256_of(inputs),
+            "dtype": str(inputs.dtype), "device": str(inputs.device), "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "tf32": str(torch.backends.cuda.matmul.allow_tf32), "order": ",".join(flat)}
+    save_file(flat, str(path), metadata=meta)
+
+
+def compare_stages(a: str | Path, b: str | Path) -> list[tuple[str, str, float, float]]:
+    """Per tensor of A: (name, shape, max abs diff, max rel diff); inf where B lacks it or shapes differ."""
+    from safetensors import safe_open
+
+    rows = []
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        names_b = set(fb.keys())
+        order = (fa.metadata() or {}).get("order", "").split(",")
+        for name in [n for n in order if n in fa.keys()] or sorted(fa.keys()):
+            x = fa.get_tensor(name)
+            if name not in names_b or fb.get_tensor(name).shape != x.shape:
+                rows.append((name, str(tuple(x.shape)), float("inf"), float("inf")))
+                continue
+            x, y = x.double(), fb.get_tensor(name).double()
+            d = (x - y).abs()
+            rel = (d / y.abs().clamp(min=1e-12)).max().item() if d.numel() else 0.0
+            rows.append((name, str(tuple(x.shape)), d.max().item() if d.numel() else 0.0, rel))
+    return rows
+
+
+def _main() -> int:
+    ap = argparse.ArgumentParser(description="Compare two stage dumps tensor by tensor.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="print shape, max abs and max rel diff per tensor of A")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any max abs diff exceeds this")
+    args = ap.parse_args()
+    for f in (args.a, args.b):
+        if not os.path.isfile(f):
+            print(f"error: no such file {f}", file=sys.stderr)
+            return 2
+    rows = compare_stages(args.a, args.b)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print(f"{'tensor':<{width}}  {'shape':<22} {'max abs':>10} {'max rel':>10}")
+    for name, shape, d, r in rows:
+        print(f"{name:<{width}}  {shape:<22} {d:>10.3g} {r:>10.3g}{'  FAIL' if d > args.atol else ''}")
+    bad = [r for r in rows if r[2] > args.atol]
+    print(f"{len(rows)} tensors, {len(bad)} over atol {args.atol}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
