@@ -36,6 +36,15 @@ class LoadError(RuntimeError):
     """A checkpoint that cannot be loaded as it is: the message names the file or the keys."""
 
 
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a command line: bad input or a bad checkpoint prints one line and exits 2, never a traceback."""
+    try:
+        sys.exit(main() or 0)
+    except (InputError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_threshold(name: str, value: float) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise InputError(f"{name} must be between 0 and 1, got {value}")
