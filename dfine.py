@@ -1,0 +1,818 @@
+"""D-FINE: real-time DETR with fine-grained distribution refinement, in one readable file.
+
+Paper: "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement" (Peng et al., 2024).
+Mirrors transformers 5.23 `DFineForObjectDetection` (modeling_d_fine.py, modeling_hgnet_v2.py) and its PIL RT-DETR
+image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints `ustc-community/dfine-{nano,small,
+medium,large,xlarge}-{coco,obj365,obj2coco}` as they are. Left out: training (losses, denoising queries, dropout),
+the unused "discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
+
+Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
+  0. config            config.json -> a flat dataclass
+  1. preprocessing     stretch to 640x640 with PIL bilinear, /255, no normalisation
+  2. backbone          HGNetV2: stem, 4 stages of HG blocks -> 2 or 3 maps at strides 8/16/32
+  3. hybrid encoder    input projections, AIFI (one transformer layer on the coarsest map), CCFF (FPN + PAN)
+  4. query selection   anchors, encoder head, top-300 proposals
+  5. decoder           self-attention, deformable cross-attention, gate; FDR edge distributions; LQE
+  6. the model         forward as a short list of the stages above
+  7. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
+  8. loading           from_pretrained and the key map
+  9. command line
+
+Shapes: B batch, C channels, H W map size, S tokens of all levels, Q queries (300), L levels, P points (all levels),
+nH heads, hD head dim, d model width, K classes, N bins (max_num_bins = 32, so N + 1 = 33 bin edges).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+from common import InputError, center_to_corners, inverse_sigmoid
+
+ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}  # gelu is the exact erf form, as transformers
+
+# -----------------------------------------------------------------------------
+# 0. Config
+
+
+@dataclass
+class DFineConfig:
+    """The fields of the Hub config.json that inference uses (backbone_config flattened in); names as on the Hub."""
+
+    # HGNetV2 backbone
+    stem_channels: list[int] = field(default_factory=lambda: [3, 32, 48])
+    stem_strides: list[int] = field(default_factory=lambda: [2, 1, 1, 2, 1])
+    stage_in_channels: list[int] = field(default_factory=lambda: [48, 128, 512, 1024])
+    stage_mid_channels: list[int] = field(default_factory=lambda: [48, 96, 192, 384])
+    stage_out_channels: list[int] = field(default_factory=lambda: [128, 512, 1024, 2048])
+    stage_num_blocks: list[int] = field(default_factory=lambda: [1, 1, 3, 1])
+    stage_numb_of_layers: list[int] = field(default_factory=lambda: [6, 6, 6, 6])
+    stage_downsample: list[bool] = field(default_factory=lambda: [False, True, True, True])
+    stage_downsample_strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    stage_light_block: list[bool] = field(default_factory=lambda: [False, False, True, True])
+    stage_kernel_size: list[int] = field(default_factory=lambda: [3, 3, 5, 5])
+    use_learnable_affine_block: bool = False  # the small models (B0, B2) scale and shift after each activation
+    hidden_act: str = "relu"
+    out_indices: list[int] = field(default_factory=lambda: [2, 3, 4])  # 0 is the stem, k is stage k
+    freeze_backbone_batch_norms: bool = True  # selects the frozen-BN formula (not F.batch_norm): it matters (P5)
+    # hybrid encoder
+    encoder_in_channels: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    feat_strides: list[int] = field(default_factory=lambda: [8, 16, 32])
+    encoder_hidden_dim: int = 256
+    encode_proj_layers: list[int] = field(default_factory=lambda: [2])  # AIFI runs on these levels only
+    encoder_layers: int = 1
+    encoder_ffn_dim: int = 1024
+    encoder_attention_heads: int = 8
+    encoder_activation_function: str = "gelu"
+    activation_function: str = "silu"
+    positional_encoding_temperature: int = 10000
+    hidden_expansion: float = 1.0
+    depth_mult: float = 1.0
+    eval_size: list[int] | None = None  # when set, transformers drops AIFI's position embedding (P9); we refuse it
+    batch_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5
+    # query selection and decoder
+    d_model: int = 256
+    num_queries: int = 300
+    decoder_in_channels: list[int] = field(default_factory=lambda: [256, 256, 256])
+    num_feature_levels: int = 3
+    decoder_n_points: list[int] = field(default_factory=lambda: [3, 6, 3])  # points per level, per head
+    decoder_layers: int = 6
+    decoder_attention_heads: int = 8
+    decoder_ffn_dim: int = 1024
+    decoder_activation_function: str = "relu"
+    decoder_offset_scale: float = 0.5
+    top_prob_values: int = 4
+    lqe_hidden_dim: int = 64
+    max_num_bins: int = 32
+    anchor_image_size: list[int] | None = None  # when set, anchors are fixed to that size (P10); we refuse it
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "DFineConfig":
+        flat = {**cfg.get("backbone_config", {}), **cfg}  # the model's own fields win over the backbone's
+        known = {f.name for f in fields(cls)}
+        c = cls(**{k: v for k, v in flat.items() if k in known})
+        c.id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
+        if isinstance(c.decoder_n_points, int):
+            c.decoder_n_points = [c.decoder_n_points] * c.num_feature_levels
+        if "out_indices" not in cfg.get("backbone_config", {}) and "out_features" in cfg.get("backbone_config", {}):
+            names = ["stem", "stage1", "stage2", "stage3", "stage4"]
+            c.out_indices = [names.index(n) for n in cfg["backbone_config"]["out_features"]]
+        # What no Hub checkpoint uses, refused rather than silently computed another way:
+        unsupported = {"normalize_before": False, "learn_initial_query": False, "decoder_method": "default",
+                       "layer_scale": 1.0}
+        for k, ok in unsupported.items():
+            if k in cfg and cfg[k] != ok:
+                raise common.LoadError(f"config sets {k}={cfg[k]!r}; dfine.py supports only {ok!r}")
+        if cfg.get("eval_idx", -1) not in (-1, c.decoder_layers - 1):
+            raise common.LoadError(f"config sets eval_idx={cfg['eval_idx']}; dfine.py supports only the last layer")
+        if c.eval_size is not None or c.anchor_image_size is not None:
+            raise common.LoadError("config sets eval_size or anchor_image_size, which fix the input size; "
+                                   "dfine.py computes both from the real input (set them to null)")
+        return c
+
+
+# -----------------------------------------------------------------------------
+# 1. Preprocessing: what transformers' RTDetrImageProcessorPil does with the Hub preprocessor_config.json
+
+INPUT_SIZE = 640
+
+
+def preprocess(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images -> (B, 3, 640, 640) in [0, 1]. A plain stretch: no aspect ratio kept, no padding."""
+    arrays = []
+    for img in images:
+        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)  # PIL's bilinear anti-aliases when shrinking
+        a = np.asarray(img).astype(np.float64) * (1 / 255)  # float64 then float32, as the processor: exact bits
+        arrays.append(a.astype(np.float32).transpose(2, 0, 1))  # (3, 640, 640)
+    return torch.from_numpy(np.stack(arrays))  # (B, 3, 640, 640)
+
+
+# -----------------------------------------------------------------------------
+# 2. Backbone: HGNetV2 (PP-HGNetV2 from PaddleDetection, as used by D-FINE)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics, written as transformers writes it: scale and shift, eps 1e-5.
+
+    F.batch_norm computes the same function with other rounding; before the top-k that is enough to reorder
+    queries (spec P3, P5), so the formula is kept exactly.
+    """
+
+    def __init__(self, n: int):
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.zeros(n))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + bias
+
+
+class LearnableAffineBlock(nn.Module):
+    """y = scale * x + bias with two scalars: a cheap learned re-scaling after each activation (B0/B2 backbones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
+class ConvLayer(nn.Module):
+    """conv -> BN -> activation -> learnable affine (only where there is an activation)."""
+
+    def __init__(self, cfg: DFineConfig, cin, cout, k, stride=1, groups=1, act=True):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, groups=groups, bias=False)
+        self.normalization = FrozenBatchNorm2d(cout) if cfg.freeze_backbone_batch_norms else nn.BatchNorm2d(cout)
+        self.act = ACT[cfg.hidden_act] if act else None
+        self.lab = LearnableAffineBlock() if act and cfg.use_learnable_affine_block else None
+
+    def forward(self, x):
+        x = self.normalization(self.convolution(x))
+        if self.act is not None:
+            x = self.act(x)
+        return self.lab(x) if self.lab is not None else x
+
+
+class LightConvLayer(nn.Module):
+    """A kxk conv made cheap: 1x1 to mid channels (no activation), then a kxk depthwise conv."""
+
+    def __init__(self, cfg, cin, cout, k):
+        super().__init__()
+        self.conv1 = ConvLayer(cfg, cin, cout, 1, act=False)
+        self.conv2 = ConvLayer(cfg, cout, cout, k, groups=cout)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+class Embedder(nn.Module):
+    """The stem: stride 4, with a 2x2 conv branch beside a 2x2 max-pool branch."""
+
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        c0, c1, c2 = cfg.stem_channels
+        s = cfg.stem_strides
+        self.stem1 = ConvLayer(cfg, c0, c1, 3, s[0])
+        self.stem2a = ConvLayer(cfg, c1, c1 // 2, 2, s[1])  # 2x2 kernel: padding 0, hence the F.pad below
+        self.stem2b = ConvLayer(cfg, c1 // 2, c1, 2, s[2])
+        self.stem3 = ConvLayer(cfg, c1 * 2, c1, 3, s[3])
+        self.stem4 = ConvLayer(cfg, c1, c2, 1, s[4])
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=1, ceil_mode=True)
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = F.pad(self.stem1(x), (0, 1, 0, 1))  # (B, c1, H/2+1, W/2+1): pad right and bottom
+        x2 = self.stem2b(F.pad(self.stem2a(x), (0, 1, 0, 1)))  # (B, c1, H/2, W/2)
+        x = torch.cat([self.pool(x), x2], dim=1)  # (B, 2*c1, H/2, W/2): pooled branch first
+        return self.stem4(self.stem3(x))  # (B, c2, H/4, W/4)
+
+
+class HGBlock(nn.Module):
+    """n convs in a chain, all their outputs concatenated, then squeeze (1x1 to cout/2) and excite (1x1 to cout)."""
+
+    def __init__(self, cfg, cin, mid, cout, n_layers, k, light, residual):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            LightConvLayer(cfg, cin if i == 0 else mid, mid, k) if light
+            else ConvLayer(cfg, cin if i == 0 else mid, mid, k) for i in range(n_layers))
+        total = cin + n_layers * mid
+        self.aggregation = nn.Sequential(ConvLayer(cfg, total, cout // 2, 1), ConvLayer(cfg, cout // 2, cout, 1))
+        self.residual = residual
+
+    def forward(self, x):
+        feats = [x]
+        for layer in self.layers:
+            feats.append(layer(feats[-1]))
+        y = self.aggregation(torch.cat(feats, dim=1))  # (B, cin + n*mid, H, W) -> (B, cout, H, W)
+        return y + x if self.residual else y
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg: DFineConfig, s: int):
+        super().__init__()
+        cin, mid, cout = cfg.stage_in_channels[s], cfg.stage_mid_channels[s], cfg.stage_out_channels[s]
+        self.downsample = (ConvLayer(cfg, cin, cin, 3, cfg.stage_downsample_strides[s], groups=cin, act=False)
+                           if cfg.stage_downsample[s] else None)  # depthwise stride-2, no activation
+        self.blocks = nn.ModuleList(
+            HGBlock(cfg, cin if b == 0 else cout, mid, cout, cfg.stage_numb_of_layers[s], cfg.stage_kernel_size[s],
+                    cfg.stage_light_block[s], residual=b > 0) for b in range(cfg.stage_num_blocks[s]))
+
+    def forward(self, x):
+        if self.downsample is not None:
+            x = self.downsample(x)  # (B, C, H/2, W/2)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Encoder(nn.Module):  # named as the checkpoint names it: backbone.encoder.stages
+    def __init__(self, cfg):
+        super().__init__()
+        self.stages = nn.ModuleList(Stage(cfg, s) for s in range(len(cfg.stage_in_channels)))
+
+
+class HGNetV2(nn.Module):
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        self.embedder = Embedder(cfg)
+        self.encoder = Encoder(cfg)
+        self.out_indices = cfg.out_indices
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        x = self.embedder(pixel_values)  # (B, C, H/4, W/4)
+        maps = [x]
+        for stage in self.encoder.stages:  # strides 4, 8, 16, 32
+            x = stage(x)
+            maps.append(x)
+        return [maps[i] for i in self.out_indices]  # L maps (B, C_l, H_l, W_l)
+
+
+# -----------------------------------------------------------------------------
+# 3. Hybrid encoder: input projections, AIFI on the coarsest map, CCFF (top-down FPN, then bottom-up PAN)
+
+
+class ConvNorm(nn.Module):
+    """conv -> BatchNorm2d (plain F.batch_norm in eval, unlike the backbone) -> optional activation."""
+
+    def __init__(self, cfg, cin, cout, k, stride=1, groups=1, act=None, padding=None):
+        super().__init__()
+        pad = (k - 1) // 2 if padding is None else padding
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding=pad, groups=groups, bias=False)
+        self.norm = nn.BatchNorm2d(cout, eps=cfg.batch_norm_eps)
+        self.act = ACT[act] if act else None
+
+    def forward(self, x):
+        x = self.norm(self.conv(x))
+        return self.act(x) if self.act is not None else x
+
+
+def input_proj(cin: int, cout: int) -> nn.Sequential:
+    """1x1 conv + BatchNorm2d (default eps), keys `.0.weight` and `.1.*` as in the checkpoint."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+def sincos_2d(h: int, w: int, dim: int, temperature: float) -> torch.Tensor:
+    """(1, H*W, dim) fixed 2-D position embedding: [sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)].
+
+    Built in float64 and cast, as transformers 5.23. (The original D-FINE and transformers 4.x use float32 and a
+    transposed grid; on non-square maps that differs by up to 2.0, spec P7.)
+    """
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    ey, ex = gy.flatten().outer(omega), gx.flatten().outer(omega)  # (H*W, dim/4) each; token k = y*W + x
+    return torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], dim=1).float()[None]  # (1, H*W, dim)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with the position embedding added to queries and keys only (DETR)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, pos):  # x, pos (B, N, d)
+        B, N, d = x.shape
+        qk = x + pos
+        q = self.q_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
+        k = self.k_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
+        v = self.v_proj(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
+        # the same SDPA call transformers makes by default: its kernel's rounding is part of the reference (P4)
+        a = F.scaled_dot_product_attention(q, k, v, scale=(d // self.heads) ** -0.5)  # (B, nH, N, hD)
+        return self.out_proj(a.transpose(1, 2).reshape(B, N, d))  # (B, N, d)
+
+
+class AIFILayer(nn.Module):
+    """Post-norm transformer encoder layer (attention-based intra-scale feature interaction)."""
+
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        d = cfg.encoder_hidden_dim
+        self.self_attn = SelfAttention(d, cfg.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.act = ACT[cfg.encoder_activation_function]
+
+    def forward(self, x, pos):
+        x = self.self_attn_layer_norm(x + self.self_attn(x, pos))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class AIFI(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(AIFILayer(cfg) for _ in range(cfg.encoder_layers))
+
+
+class RepVggBlock(nn.Module):
+    """3x3 conv-BN plus 1x1 conv-BN, summed, then SiLU (RepVGG, not re-parameterised here)."""
+
+    def __init__(self, cfg, c):
+        super().__init__()
+        self.conv1 = ConvNorm(cfg, c, c, 3, padding=1)
+        self.conv2 = ConvNorm(cfg, c, c, 1, padding=0)
+        self.act = ACT[cfg.activation_function]
+
+    def forward(self, x):
+        return self.act(self.conv1(x) + self.conv2(x))
+
+
+class CSPRepLayer(nn.Module):
+    """Cross-stage partial: one 1x1 branch through RepVGG blocks, one plain 1x1 branch, summed."""
+
+    def __init__(self, cfg, cin, cout, n_blocks):
+        super().__init__()
+        act = cfg.activation_function
+        self.conv1 = ConvNorm(cfg, cin, cout, 1, act=act)
+        self.conv2 = ConvNorm(cfg, cin, cout, 1, act=act)
+        self.bottlenecks = nn.Sequential(*(RepVggBlock(cfg, cout) for _ in range(n_blocks)))
+
+    def forward(self, x):
+        return self.bottlenecks(self.conv1(x)) + self.conv2(x)
+
+
+class RepNCSPELAN4(nn.Module):
+    """GELAN block (YOLOv9): split, two CSP-RepVGG stages, concatenate all four parts, fuse with a 1x1 conv."""
+
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        C = cfg.encoder_hidden_dim
+        c4 = round(cfg.hidden_expansion * C // 2)  # N: round(43.52 // 2) = 21
+        nb = round(3 * cfg.depth_mult)  # Python's round half to even: N 1.5 -> 2, S 1.02 -> 1
+        self.conv1 = ConvNorm(cfg, 2 * C, 2 * C, 1, act="silu")  # silu hard-coded here, as upstream
+        self.csp_rep1 = CSPRepLayer(cfg, C, c4, nb)
+        self.conv2 = ConvNorm(cfg, c4, c4, 3, act="silu")
+        self.csp_rep2 = CSPRepLayer(cfg, c4, c4, nb)
+        self.conv3 = ConvNorm(cfg, c4, c4, 3, act="silu")
+        self.conv4 = ConvNorm(cfg, 2 * C + 2 * c4, C, 1, act="silu")
+
+    def forward(self, x):  # (B, 2C, H, W)
+        a, b = self.conv1(x).chunk(2, dim=1)  # (B, C, H, W) each
+        b1 = self.conv2(self.csp_rep1(b))  # (B, c4, H, W)
+        b2 = self.conv3(self.csp_rep2(b1))  # (B, c4, H, W)
+        return self.conv4(torch.cat([a, b, b1, b2], dim=1))  # (B, 2C + 2*c4, H, W) -> (B, C, H, W)
+
+
+class SCDown(nn.Module):
+    """Stride-2 downsampling: 1x1 conv-BN, then 3x3 depthwise stride-2 conv-BN, no activation."""
+
+    def __init__(self, cfg, c):
+        super().__init__()
+        self.conv1 = ConvNorm(cfg, c, c, 1)
+        self.conv2 = ConvNorm(cfg, c, c, 3, stride=2, groups=c)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+class HybridEncoder(nn.Module):
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        C, n = cfg.encoder_hidden_dim, len(cfg.encoder_in_channels) - 1
+        self.cfg = cfg
+        self.aifi = nn.ModuleList(AIFI(cfg) for _ in cfg.encode_proj_layers)
+        self.lateral_convs = nn.ModuleList(ConvNorm(cfg, C, C, 1) for _ in range(n))
+        self.fpn_blocks = nn.ModuleList(RepNCSPELAN4(cfg) for _ in range(n))
+        self.downsample_convs = nn.ModuleList(SCDown(cfg, C) for _ in range(n))
+        self.pan_blocks = nn.ModuleList(RepNCSPELAN4(cfg) for _ in range(n))
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:  # L x (B, C, H_l, W_l)
+        maps = list(maps)
+        for aifi, lvl in zip(self.aifi, self.cfg.encode_proj_layers):  # AIFI: only the coarsest map (N: 20x20)
+            B, C, H, W = maps[lvl].shape
+            x = maps[lvl].flatten(2).transpose(1, 2)  # (B, H*W, C), row-major tokens
+            pos = sincos_2d(H, W, C, self.cfg.positional_encoding_temperature).to(x.dtype)  # (1, H*W, C)
+            for layer in aifi.layers:
+                x = layer(x, pos)
+            maps[lvl] = x.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, C, H, W)
+        n = len(maps) - 1
+        fpn = [maps[-1]]  # top-down: coarse to fine
+        for i in range(n):
+            top = self.lateral_convs[i](fpn[-1])
+            fpn[-1] = top  # the list keeps the lateral output, which the PAN below reuses
+            up = F.interpolate(top, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+            fpn.append(self.fpn_blocks[i](torch.cat([up, maps[n - 1 - i]], dim=1)))  # (B, 2C, ..) -> (B, C, ..)
+        fpn.reverse()  # fine to coarse
+        pan = [fpn[0]]  # bottom-up: fine to coarse
+        for i in range(n):
+            down = self.downsample_convs[i](pan[-1])  # (B, C, H/2, W/2)
+            pan.append(self.pan_blocks[i](torch.cat([down, fpn[i + 1]], dim=1)))  # (B, 2C, ..) -> (B, C, ..)
+        return pan  # L x (B, C, H_l, W_l)
+
+
+# -----------------------------------------------------------------------------
+# 4. Query selection: anchors on every token, a score per token, the 300 best become the decoder's queries
+
+
+class MLP(nn.Module):
+    def __init__(self, din, dhid, dout, n):
+        super().__init__()
+        dims = [din] + [dhid] * (n - 1) + [dout]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def make_anchors(spatial_shapes: list[tuple[int, int]], dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """One anchor box per token, in logit space: centre of its cell, size 0.05 * 2^level; edge tokens invalid."""
+    anchors = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        gy, gx = torch.meshgrid(torch.arange(h).to(dtype), torch.arange(w).to(dtype), indexing="ij")
+        xy = torch.stack([gx, gy], dim=-1) + 0.5  # (H, W, 2): +0.5 before dividing, as upstream (P8)
+        xy = xy / torch.tensor([w, h], dtype=dtype)
+        wh = torch.ones_like(xy) * 0.05 * (2.0 ** lvl)
+        anchors.append(torch.cat([xy, wh], dim=-1).reshape(1, h * w, 4))  # (1, H*W, 4) cxcywh
+    anchors = torch.cat(anchors, dim=1)  # (1, S, 4)
+    valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1, keepdim=True)  # (1, S, 1): drops the outer ring at 80x80
+    anchors = torch.log(anchors / (1 - anchors))  # inverse sigmoid
+    return torch.where(valid, anchors, torch.finfo(dtype).max), valid  # invalid -> sigmoid 1, as transformers
+
+
+# -----------------------------------------------------------------------------
+# 5. Decoder: deformable cross-attention around each box, Fine-grained Distribution Refinement, LQE
+
+
+class DeformableAttention(nn.Module):
+    """D-FINE's deformable attention: no value or output projection; offsets scaled by the box size (Eq. 3 of
+    Deformable DETR in its two-stage form, with each level's own point count n_l)."""
+
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        self.heads, self.points = cfg.decoder_attention_heads, list(cfg.decoder_n_points)
+        P = sum(self.points)
+        self.offset_scale = cfg.decoder_offset_scale
+        self.sampling_offsets = nn.Linear(cfg.d_model, self.heads * P * 2)
+        self.attention_weights = nn.Linear(cfg.d_model, self.heads * P)
+        scale = torch.cat([torch.full((n,), 1.0 / n) for n in self.points])  # (P,): 1/n_l, level-major
+        self.register_buffer("num_points_scale", scale)
+
+    def forward(self, query, ref, memory, spatial_shapes, backend="torch"):
+        B, Q, _ = query.shape
+        P = sum(self.points)
+        value = memory.reshape(B, memory.shape[1], self.heads, -1)  # (B, S, nH, hD): no value projection
+        off = self.sampling_offsets(query).reshape(B, Q, self.heads, P, 2)  # (B, Q, nH, P, 2)
+        w = F.softmax(self.attention_weights(query).reshape(B, Q, self.heads, P), dim=-1)  # over ALL levels' points
+        scale = self.num_points_scale[:, None]  # (P, 1)
+        # offsets in units of the box size, divided by the level's point count, halved; order as upstream (P8)
+        loc = ref[:, :, None, :, :2] + off * scale * ref[:, :, None, :, 2:] * self.offset_scale  # (B, Q, nH, P, 2)
+        return common.ms_deform_attn(value, spatial_shapes, self.points, loc, w, backend)  # (B, Q, d)
+
+
+class Gate(nn.Module):
+    """Replaces the residual + norm after cross-attention: a learned sigmoid mix of the two streams."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gate = nn.Linear(2 * d, 2 * d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, residual, x):
+        g1, g2 = torch.sigmoid(self.gate(torch.cat([residual, x], dim=-1))).chunk(2, dim=-1)  # (B, Q, d) each
+        return self.norm(g1 * residual + g2 * x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = SelfAttention(d, cfg.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.encoder_attn = DeformableAttention(cfg)
+        self.gateway = Gate(d)
+        self.fc1 = nn.Linear(d, cfg.decoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.act = ACT[cfg.decoder_activation_function]
+
+    def forward(self, h, pos, ref, memory, spatial_shapes, backend="torch"):  # h, pos (B, Q, d); ref (B, Q, 1, 4)
+        h = self.self_attn_layer_norm(h + self.self_attn(h, pos))
+        h = self.gateway(h, self.encoder_attn(h + pos, ref, memory, spatial_shapes, backend))
+        h = h + self.fc2(self.act(self.fc1(h)))
+        return self.final_layer_norm(h.clamp(min=-65504, max=65504))  # the fp16 clamp, kept for parity
+
+
+class LQE(nn.Module):
+    """Location Quality Estimator: how peaked the four edge distributions are shifts every class logit."""
+
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        self.k = cfg.top_prob_values
+        self.reg_conf = MLP(4 * (self.k + 1), cfg.lqe_hidden_dim, 1, 2)
+
+    def forward(self, logits, corners):  # (B, Q, K), (B, Q, 4*(N+1))
+        B, Q, _ = corners.shape
+        prob = F.softmax(corners.reshape(B, Q, 4, -1), dim=-1)  # (B, Q, 4, N+1)
+        top = prob.topk(self.k, dim=-1).values  # (B, Q, 4, k), sorted descending
+        stat = torch.cat([top, top.mean(dim=-1, keepdim=True)], dim=-1).reshape(B, Q, -1)  # (B, Q, 4*(k+1))
+        return logits + self.reg_conf(stat)  # (B, Q, K) + (B, Q, 1)
+
+
+def weighting_function(n_bins: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
+    """W(n), the N+1 bin edges of the edge-offset distributions (paper Eq. 4): dense near 0, +-2*up*c at the ends.
+
+    Computed with float32 tensor ops on the checkpoint's own `up` and `reg_scale`, as transformers (spec 8.1).
+    """
+    ub1 = abs(up[0]) * abs(reg_scale)
+    ub2 = ub1 * 2
+    step = (ub1 + 1) ** (2 / (n_bins - 2))
+    left = [-(step ** i) + 1 for i in range(n_bins // 2 - 1, 0, -1)]
+    right = [(step ** i) - 1 for i in range(1, n_bins // 2)]
+    values = [-ub2] + left + [torch.zeros_like(up[0][None])] + right + [ub2]
+    return torch.cat(values, 0)  # (N+1,)
+
+
+def integral(corners: torch.Tensor, project: torch.Tensor) -> torch.Tensor:
+    """Expected edge offset under each edge's distribution: sum_n softmax(logits)_n * W(n)."""
+    B, Q, _ = corners.shape
+    prob = F.softmax(corners.reshape(-1, project.shape[0]), dim=1)  # (B*Q*4, N+1), edges l, t, r, b
+    return F.linear(prob, project).reshape(B, Q, 4)  # F.linear, not a sum: a sum rounds differently (P8)
+
+
+def distance2bbox(ref: torch.Tensor, dist: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
+    """Edge distances (in units of box size / reg_scale) from the initial box -> a cxcywh box."""
+    rs = abs(reg_scale)
+    cx, cy, w, h = ref.unbind(-1)
+    x1 = cx - (0.5 * rs + dist[..., 0]) * (w / rs)
+    y1 = cy - (0.5 * rs + dist[..., 1]) * (h / rs)
+    x2 = cx + (0.5 * rs + dist[..., 2]) * (w / rs)
+    y2 = cy + (0.5 * rs + dist[..., 3]) * (h / rs)
+    return common.corners_to_center(torch.stack([x1, y1, x2, y2], dim=-1))  # (B, Q, 4)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DFineConfig):
+        super().__init__()
+        d, K, n_layers = cfg.d_model, len(cfg.id2label), cfg.decoder_layers
+        self.max_num_bins = cfg.max_num_bins
+        self.query_pos_head = MLP(4, 2 * d, d, 2)
+        self.pre_bbox_head = MLP(d, d, 4, 3)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_layers))
+        self.bbox_embed = nn.ModuleList(MLP(d, d, 4 * (cfg.max_num_bins + 1), 3) for _ in range(n_layers))
+        # class heads and LQEs of every layer are in the checkpoint; inference uses the last ones only
+        self.class_embed = nn.ModuleList(nn.Linear(d, K) for _ in range(n_layers))
+        self.lqe_layers = nn.ModuleList(LQE(cfg) for _ in range(n_layers))
+        self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: 8 for X whatever config says (P2)
+        self.register_buffer("up", torch.tensor([0.5]))
+
+    def forward(self, target, ref_unact, memory, spatial_shapes, backend="torch") -> dict:
+        project = weighting_function(self.max_num_bins, self.up, self.reg_scale)  # (N+1,)
+        ref = torch.sigmoid(ref_unact)  # (B, Q, 4) cxcywh in [0, 1]
+        h, prev_h, prev_corners = target, 0, 0
+        out = {"hidden": [], "boxes": [], "corners": []}
+        for i, layer in enumerate(self.layers):
+            pos = self.query_pos_head(ref).clamp(min=-10, max=10)  # (B, Q, d)
+            h = layer(h, pos, ref[:, :, None], memory, spatial_shapes, backend)  # ref (B, Q, 1, 4)
+            if i == 0:  # the initial box all FDR distances are measured from, fixed for every later layer
+                out["initial_box"] = ref0 = torch.sigmoid(self.pre_bbox_head(h) + inverse_sigmoid(ref))
+            corners = self.bbox_embed[i](h + prev_h) + prev_corners  # (B, Q, 4*(N+1)): residual in logit space
+            ref = distance2bbox(ref0, integral(corners, project), self.reg_scale)  # (B, Q, 4): next layer's ref
+            prev_h, prev_corners = h, corners
+            out["hidden"].append(h)
+            out["boxes"].append(ref)
+            out["corners"].append(corners)
+        out["logits"] = self.lqe_layers[-1](self.class_embed[-1](h), corners)  # (B, Q, K), LQE included
+        out["pred_boxes"] = ref
+        return out
+
+
+# -----------------------------------------------------------------------------
+# 6. The model: forward is the list of stages
+
+
+@dataclass
+class DFineOutput:
+    logits: torch.Tensor  # (B, Q, K) class logits (sigmoid for scores)
+    pred_boxes: torch.Tensor  # (B, Q, 4) cxcywh, normalised to the input
+    stages: dict | None = None  # every stage's tensors, in data-flow order, when return_stages=True
+
+
+class DFine(nn.Module):
+    def __init__(self, cfg: DFineConfig, backend: str = "torch"):
+        super().__init__()
+        self.cfg, self.backend = cfg, backend
+        C, d = cfg.encoder_hidden_dim, cfg.d_model
+        self.backbone = HGNetV2(cfg)
+        self.encoder_input_proj = nn.ModuleList(input_proj(c, C) for c in cfg.encoder_in_channels)
+        self.encoder = HybridEncoder(cfg)
+        # X: the encoder is 384 wide and the decoder 256, so a projection; the others need none
+        self.decoder_input_proj = nn.ModuleList(
+            input_proj(c, d) if c != d else nn.Identity() for c in cfg.decoder_in_channels)
+        self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
+        self.enc_score_head = nn.Linear(d, len(cfg.id2label))
+        self.enc_bbox_head = MLP(d, d, 4, 3)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        proj = [p(m) for p, m in zip(self.encoder_input_proj, maps)]  # L x (B, C, H_l, W_l)
+        return self.encoder(proj)
+
+    def select_queries(self, feats: list[torch.Tensor]) -> dict:
+        feats = [p(f) for p, f in zip(self.decoder_input_proj, feats)]  # L x (B, d, H_l, W_l)
+        shapes = [tuple(f.shape[2:]) for f in feats]
+        memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)  # (B, S, d), fine to coarse
+        anchors, valid = make_anchors(shapes, memory.dtype)  # (1, S, 4), (1, S, 1)
+        out_mem = self.enc_output(valid.to(memory.dtype) * memory)  # (B, S, d): invalid tokens zeroed for the head
+        enc_class = self.enc_score_head(out_mem)  # (B, S, K)
+        enc_coord = self.enc_bbox_head(out_mem) + anchors  # (B, S, 4) logits, on all tokens as transformers
+        topk = enc_class.max(-1).values.topk(self.cfg.num_queries, dim=1).indices  # (B, Q), best score first
+        ref_unact = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
+        target = out_mem.gather(1, topk[..., None].expand(-1, -1, out_mem.shape[-1]))  # (B, Q, d)
+        return {"memory": memory, "spatial_shapes": shapes, "anchors": anchors, "valid_mask": valid,
+                "enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
+                "target": target, "init_reference_points": ref_unact}
+
+    def forward(self, pixel_values: torch.Tensor, return_stages: bool = False) -> DFineOutput:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2] % 32 or pixel_values.shape[-1] % 32:
+            raise InputError(f"pixel_values must be (B, 3, H, W) with H, W multiples of 32, got "
+                             f"{tuple(pixel_values.shape)}; use dfine.preprocess")
+        maps = self.backbone(pixel_values)  # L x (B, C_l, H_l, W_l), strides 8/16/32
+        feats = self.encode(maps)  # L x (B, C, H_l, W_l)
+        q = self.select_queries(feats)  # top-Q proposals from the encoder tokens
+        dec = self.decoder(q["target"], q["init_reference_points"], q["memory"], q["spatial_shapes"], self.backend)
+        stages = None
+        if return_stages:
+            stages = {"pixel_values": pixel_values, "backbone": maps, "encoder": feats,
+                      **{k: v for k, v in q.items() if k != "spatial_shapes"},
+                      "decoder_initial_box": dec["initial_box"], "decoder_hidden": dec["hidden"],
+                      "decoder_boxes": dec["boxes"], "decoder_corners": dec["corners"],
+                      "logits": dec["logits"], "pred_boxes": dec["pred_boxes"]}
+        return DFineOutput(dec["logits"], dec["pred_boxes"], stages)
+
+    @torch.inference_mode()
+    def detect(self, images, threshold: float = 0.5) -> list[dict]:
+        """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes."""
+        common.check_threshold("threshold", threshold)
+        images = [common.load_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
+        out = self(preprocess(images).to(next(self.parameters()).device))
+        return postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
+                           self.cfg.id2label)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "torch") -> "DFine":
+        """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 8)."""
+        folder = common.resolve_checkpoint(name_or_path, revision)
+        cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
+        model = cls(cfg, backend)
+        common.load_weights(model, common.weight_files(folder), key_map)
+        model.name_or_path, model.revision = str(name_or_path), revision
+        return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# 7. Post-processing: transformers' post_process_object_detection with use_focal_loss=True
+
+
+def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: float = 0.5,
+                id2label: dict | None = None) -> list[dict]:
+    """Per image: the top-Q (query, class) pairs by sigmoid score above `threshold` (strict >), boxes in pixels.
+
+    sizes are the original (height, width). No NMS and no clipping, as upstream: a query may appear with several
+    labels, and a box may reach past the image edge.
+    """
+    B, Q, K = logits.shape
+    boxes = center_to_corners(pred_boxes)  # (B, Q, 4) xyxy in [0, 1] of the stretched input = of the original
+    scale = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.int64)  # int, as transformers: float*int
+    boxes = boxes * scale[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
+    scores, idx = torch.sigmoid(logits).flatten(1).topk(Q, dim=-1)  # (B, Q) over all Q*K pairs
+    labels, query = idx % K, idx // K
+    boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))  # (B, Q, 4)
+    results = []
+    for s, lab, b in zip(scores, labels, boxes):
+        keep = s > threshold
+        results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep],
+                        "names": [(id2label or {}).get(int(i), str(int(i))) for i in lab[keep]]})
+    return results
+
+
+# -----------------------------------------------------------------------------
+# 8. The key map: Hub checkpoint names -> this file's module names
+#
+# Hub files use transformers 4.x names; files re-saved by other 5.x tools may use the 5.x ones. Both load.
+#   model.backbone.model.X                  -> backbone.X
+#   model.encoder.encoder.i.X  (4.x)        -> encoder.aifi.i.X         (5.x: model.encoder.aifi.i.X)
+#   self_attn.o_proj  (5.x)                 -> self_attn.out_proj
+#   aifi ... mlp.layers.0/1  (5.x)          -> fc1 / fc2
+#   model.X                                 -> X
+#   class_embed.i / bbox_embed.i (top level, if a file has them) -> decoder.class_embed.i / decoder.bbox_embed.i
+#   model.denoising_class_embed             -> dropped (training-time label noise only)
+
+
+def key_map(key: str) -> str | None:
+    if key == "model.denoising_class_embed.weight":
+        return None
+    k = key.replace("model.backbone.model.", "backbone.", 1)
+    if k.startswith(("class_embed.", "bbox_embed.")):
+        k = "decoder." + k
+    k = k.removeprefix("model.")
+    k = k.replace("encoder.encoder.", "encoder.aifi.", 1) if k.startswith("encoder.encoder.") else k
+    k = k.replace(".self_attn.o_proj.", ".self_attn.out_proj.")
+    k = k.replace(".mlp.layers.0.", ".fc1.").replace(".mlp.layers.1.", ".fc2.")
+    return k
+
+
+# -----------------------------------------------------------------------------
+# 9. Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="D-FINE object detection (80 COCO or 366 Objects365 classes).")
+    ap.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    ap.add_argument("--model", default="ustc-community/dfine-large-coco", help="Hub id or local folder")
+    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="keep detections with score > this")
+    ap.add_argument("--backend", default="torch", choices=["torch", "numba"], help="deformable attention kernel")
+    ap.add_argument("--save", help="draw the detections of the first image into this PNG")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of one line per detection")
+    ap.add_argument("--dump", help="save every stage's tensors (first image) to this .safetensors file")
+    args = ap.parse_args(argv)
+    common.check_threshold("--threshold", args.threshold)
+    images = [common.load_image(p) for p in args.images]
+    model = DFine.from_pretrained(args.model, args.revision, args.backend)
+    results = model.detect(images, args.threshold)
+    if args.json:
+        print(json.dumps([{"image": str(p), "detections": [
+            {"label": n, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+            for n, i, s, b in zip(r["names"], r["labels"], r["scores"], r["boxes"])]}
+            for p, r in zip(args.images, results)], indent=1))
+    else:
+        for p, r in zip(args.images, results):
+            for n, s, b in zip(r["names"], r["scores"], r["boxes"]):
+                print(f"{p}: {n:<14} {float(s):.3f}  [" + ", ".join(f"{float(v):.1f}" for v in b) + "]")
+            if not len(r["scores"]):
+                print(f"{p}: no detection above {args.threshold}")
+    if args.save:
+        r = results[0]
+        common.draw_detections(images[0], r["boxes"], r["names"], r["scores"], args.save)
+        print(f"saved {args.save}")
+    if args.dump:
+        pixels = preprocess(images[:1])
+        with torch.inference_mode():
+            stages = model(pixels, return_stages=True).stages
+        common.save_stages(args.dump, stages, args.model, args.revision, pixels)
+        print(f"saved {args.dump}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
