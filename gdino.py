@@ -1,0 +1,1193 @@
+"""Grounding DINO: open-set object detection from a text prompt, in one file of plain PyTorch.
+
+Paper: Liu et al., "Grounding DINO: Marrying DINO with Grounded Pre-Training for Open-Set Object Detection" (2023).
+Mirrors transformers 5.23 `GroundingDinoForObjectDetection` (and `MMGroundingDinoForObjectDetection`, which only
+differs in its class head; see section 9) op for op, so that the outputs match it bit for bit on CPU in fp32;
+and `GroundingDinoProcessor` with the PIL image processor for preprocessing and post-processing.
+Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
+model_type "mm-grounding-dino") from their config.json, tokenizer.json (or vocab.txt) and model.safetensors.
+Leaves out: training (losses, matcher, denoising, dropout, drop path), the timm/ResNet backbones, the single-stage
+(`two_stage=False`) variant, `output_attentions`, and the compiled deformable-attention kernel (common.py's
+readable one, or kernels.py with backend="numba").
+
+Stages, in the order `forward` runs them (section numbers are the notebook's):
+  1. config             config.json -> GroundingDinoConfig (Swin and BERT sub-configs filled with their defaults)
+  2. inputs             image resize/normalise/pad; prompt normalisation, tokens, sub-sentence mask, position ids
+  3. Swin backbone      image -> 3 (or 4) feature maps before each stage's downsampling
+  4. BERT               tokens -> text features (B, T, 768) -> projected to (B, T, 256)
+  5. multi-scale input  1x1 conv + GroupNorm per map, one extra strided level; masks; sine position embeddings
+  6. feature enhancer   6 x (image-text fusion, text self-attention, deformable self-attention on the image)
+  7. query selection    encoder proposals scored against the text; the top 900 become the decoder's boxes
+  8. decoder            6 x (self-attention, text cross-attention, deformable cross-attention, FFN, box refinement)
+  9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh
+ 10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
+ 11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, detect, chunking
+ 12. command line
+
+Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
+level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from common import (InputError, LoadError, center_to_corners, check_threshold, draw_detections, load_image,
+                    load_weights, ms_deform_attn, read_config, resolve_checkpoint, run_cli, save_stages,
+                    weight_files)
+
+MODEL_TYPES = ("grounding-dino", "mm-grounding-dino")
+DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
+
+# -----------------------------------------------------------------------------
+# 1. Config: the Hub config.json, with every field it leaves out filled from the SwinConfig/BertConfig defaults
+
+
+@dataclass
+class SwinConfig:
+    embed_dim: int = 96
+    depths: list = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-5
+    out_features: list = field(default_factory=lambda: ["stage2", "stage3", "stage4"])  # stage1..4 for Swin-L
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12  # BERT's own; every Grounding DINO LayerNorm uses layer_norm_eps below
+
+
+@dataclass
+class GroundingDinoConfig:
+    model_type: str = "grounding-dino"  # "mm-grounding-dino": class head scaled by 1/sqrt(d) plus a learned bias
+    backbone: SwinConfig = field(default_factory=SwinConfig)
+    text: BertConfig = field(default_factory=BertConfig)
+    d_model: int = 256
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 8  # the text enhancer and the fusion use half of these
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048  # the text enhancer FFN and the fusion width use half of this
+    decoder_ffn_dim: int = 2048
+    encoder_n_points: int = 4
+    decoder_n_points: int = 4
+    num_feature_levels: int = 4  # backbone maps + extra strided levels; 5 for the Swin-L checkpoints
+    num_queries: int = 900
+    max_text_len: int = 256  # the class head's width: longer prompts are refused (detect splits them)
+    layer_norm_eps: float = 1e-5
+    positional_embedding_temperature: float = 20  # image sine embedding; text and query sines use 10000
+    decoder_bbox_embed_share: bool = True  # one box MLP for all decoder layers (Grounding DINO); MM: per layer
+    decoder_cls_embed_share: bool = True  # MM only: one class-head bias for all decoder layers
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "GroundingDinoConfig":
+        bb, tx = dict(cfg.get("backbone_config") or {}), dict(cfg.get("text_config") or {})
+        if bb.get("model_type", "swin") != "swin" or tx.get("model_type", "bert") != "bert":
+            raise LoadError(f"only a Swin backbone and a BERT text encoder are supported, got "
+                            f"{bb.get('model_type')!r} and {tx.get('model_type')!r}")
+        if bb.get("use_absolute_embeddings"):
+            raise LoadError("Swin with absolute position embeddings is not supported")
+        if not cfg.get("two_stage", True) or not cfg.get("embedding_init_target", True):
+            raise LoadError("only two-stage Grounding DINO with learned target embeddings is supported")
+        if cfg.get("model_type") == "grounding-dino" and cfg.get("two_stage_bbox_embed_share", False):
+            raise LoadError("two_stage_bbox_embed_share=true is not supported (no released checkpoint uses it)")
+        if not bb.get("out_features") and bb.get("out_indices"):  # older configs name stages by index only
+            bb["out_features"] = [["stem", "stage1", "stage2", "stage3", "stage4"][i] for i in bb["out_indices"]]
+        pick = lambda klass, d: klass(**{k: d[k] for k in klass.__dataclass_fields__ if k in d})  # noqa: E731
+        top = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and k not in ("backbone", "text")}
+        return cls(backbone=pick(SwinConfig, bb), text=pick(BertConfig, tx), **top)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GroundingDinoConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @property
+    def is_mm(self) -> bool:
+        return self.model_type == "mm-grounding-dino"
+
+
+# -----------------------------------------------------------------------------
+# 2. Inputs: images (as the PIL GroundingDinoImageProcessor) and text (as GroundingDinoProcessor + BERT tokenizer)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLS, SEP, PAD, UNK = 101, 102, 0, 100
+DELIMITERS = (CLS, SEP, 1012, 1029)  # [CLS], [SEP], ".", "?": the tokens that close a phrase
+
+
+def resized_size(h: int, w: int, shortest: int = 800, longest: int = 1333) -> tuple[int, int]:
+    """Shortest edge to 800 unless the longest would pass 1333; transformers truncates with int() (480x640 ->
+    800x1066, where mmdet rounds to 1067) and keeps the unrounded size for the long side."""
+    size, raw = shortest, None
+    if max(h, w) / min(h, w) * size > longest:
+        raw = longest * min(h, w) / max(h, w)
+        size = int(round(raw))
+    if (h <= w and h == size) or (w <= h and w == size):
+        return h, w
+    if w < h:
+        return int((raw if raw is not None else size) * h / w), size
+    return size, int((raw if raw is not None else size) * w / h)
+
+
+def preprocess_images(images: Sequence, shortest: int = 800, longest: int = 1333, mean=IMAGENET_MEAN,
+                      std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Images (anything common.load_image reads) -> pixel_values (B, 3, H, W), pixel_mask (B, H, W) int64 with 1 on
+    the image and 0 on the bottom/right zero padding, and each image's original (height, width)."""
+    arrays, sizes = [], []
+    for src in images:
+        img = load_image(src)
+        sizes.append((img.height, img.width))
+        oh, ow = resized_size(img.height, img.width, shortest, longest)
+        img = img.resize((ow, oh), Image.BILINEAR)  # PIL returns a copy when the size is unchanged
+        # transformers rescales in float64 then casts to float32, and normalises in float32: the same here
+        x = (np.asarray(img).astype(np.float64) * (1 / 255)).astype(np.float32)
+        x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+        arrays.append(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))))  # (3, h, w)
+    H, W = max(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
+    pixel_values = torch.zeros(len(arrays), 3, H, W)
+    pixel_mask = torch.zeros(len(arrays), H, W, dtype=torch.long)
+    for i, a in enumerate(arrays):
+        pixel_values[i, :, : a.shape[1], : a.shape[2]] = a
+        pixel_mask[i, : a.shape[1], : a.shape[2]] = 1
+    return pixel_values, pixel_mask, sizes
+
+
+def load_tokenizer(folder: str | Path):
+    """The checkpoint's tokenizer.json with the `tokenizers` library; MM/LLMDet repos may ship only vocab.txt."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").is_file():
+        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)  # uncased BERT, like the Hub files
+    else:
+        raise LoadError(f"{folder} has neither tokenizer.json nor vocab.txt")
+    tok.no_truncation()  # a long prompt is split by detect() or refused by forward(), never cut silently
+    tok.no_padding()
+    return tok
+
+
+def normalize_prompt(prompt: str | Sequence[str]) -> str:
+    """A label list ["A cat", "remote"] -> "a cat. remote." (stripped, lowercased, '. '-joined, final '.'), as the
+    transformers processor does; a string passes unchanged (BERT lowercases it anyway). A string without a final
+    '.' leaves its last phrase unmasked-by-phrase and at position 0, which transformers does too: keep the dot."""
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, str) for t in prompt):
+        if not prompt:
+            raise InputError("the label list is empty; give at least one label")
+        if any(not t.strip() for t in prompt):
+            raise InputError(f"the label list {list(prompt)} has an empty label")
+        if any("." in t for t in prompt):
+            raise InputError(f"labels {list(prompt)} contain '.', which separates labels; pass one string instead")
+        text = ". ".join(t.strip().lower() for t in prompt) + "."
+    else:
+        raise InputError(f"a prompt is a string or a list of label strings, got {type(prompt).__name__}")
+    if not text.strip():
+        raise InputError("the prompt is empty; give labels like 'a cat. a remote control.'")
+    return text
+
+
+def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Texts -> input_ids, attention_mask, token_type_ids (B, T), padded with [PAD] to the longest, like the
+    processor with padding="longest". A prompt with no word the vocabulary knows is refused."""
+    encs = [tokenizer.encode(t) for t in texts]
+    for t, e in zip(texts, encs):
+        words = [i for i in e.ids if i not in DELIMITERS]
+        if not words:
+            raise InputError(f"the prompt {t!r} has no words, only punctuation; give labels like 'a cat.'")
+        if all(i == UNK for i in words):
+            raise InputError(f"no word of the prompt {t!r} is in the vocabulary (all [UNK]); use English words")
+    T = max(len(e.ids) for e in encs)
+    ids = torch.full((len(encs), T), PAD, dtype=torch.long)
+    mask = torch.zeros(len(encs), T, dtype=torch.long)
+    for i, e in enumerate(encs):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-sentence self-attention mask (B, T, T), True = may attend, and per-phrase position ids (B, T).
+
+    A phrase is the run of tokens up to and including its closing delimiter ('.', '?', [SEP]); its tokens see
+    each other only and count positions from 0. [CLS], [SEP], [PAD] and the tokens after the last interior
+    delimiter see only themselves, at position 0 (transformers' vectorised generate_masks_with_special_tokens...).
+    """
+    B, T = input_ids.shape
+    delim = torch.isin(input_ids, torch.tensor(DELIMITERS, device=input_ids.device))
+    idx = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
+    prev = torch.cummax(torch.where(delim, idx, torch.full((), -1, device=idx.device)), dim=1)[0]
+    prev = torch.cat([prev.new_full((B, 1), -1), prev[:, :-1]], dim=1)  # (B, T): last delimiter strictly before
+    nxt = torch.where(delim, idx, torch.tensor(T, device=idx.device))
+    nxt = torch.flip(torch.cummin(torch.flip(nxt, dims=[1]), dim=1)[0], dims=[1])  # (B, T): first delimiter at/after
+    valid = (nxt != 0) & (nxt != T - 1) & (nxt != T)  # phrases closed by [CLS], the final [SEP] or nothing don't count
+    mask = (nxt.unsqueeze(2) == nxt.unsqueeze(1)) & valid.unsqueeze(1)  # (B, T, T)
+    mask = torch.eye(T, device=idx.device, dtype=torch.bool).unsqueeze(0).expand(B, -1, -1) | mask
+    position_ids = torch.where(valid, idx - prev - 1, torch.zeros_like(idx)).clamp(min=0).long()
+    return mask, position_ids
+
+
+# -----------------------------------------------------------------------------
+# 3. Swin backbone (Liu et al. 2021): shifted-window attention; maps taken before each stage's downsampling
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)  # (B, H/ws, ws, W/ws, ws, C)
+    return x.transpose(2, 3).contiguous().view(-1, ws, ws, C)  # (B*nW, ws, ws, C), batch outermost
+
+
+def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C)  # (B, H/ws, W/ws, ws, ws, C)
+    return x.transpose(2, 3).contiguous().view(-1, H, W, C)  # (B, H, W, C)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    """(N, N): row of the bias table for each (query, key) pair of a window, (dh + ws-1) * (2ws-1) + (dw + ws-1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    return (rel[..., 0] + ws - 1) * (2 * ws - 1) + (rel[..., 1] + ws - 1)
+
+
+def shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
+    """(nW, N, N) additive mask for shifted windows: -100 (not -inf, as Swin) between tokens that the cyclic roll
+    brought together from different regions. Regions per axis: [0, n-ws), [n-ws, n-shift), [n-shift, n)."""
+    h, w = torch.arange(H), torch.arange(W)
+    rh = (h >= H - ws).long() + (h >= H - shift).long()
+    rw = (w >= W - ws).long() + (w >= W - shift).long()
+    label = (rh[None, :, None, None] * 3 + rw[None, None, :, None]).float()  # (1, H, W, 1)
+    label = window_partition(label, ws).view(-1, ws * ws)  # (nW, N)
+    diff = label.unsqueeze(1) - label.unsqueeze(2)  # (nW, N, N)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, ws: int, shift: int, cfg: SwinConfig):
+        super().__init__()
+        self.heads, self.ws, self.shift = heads, ws, shift
+        self.layernorm_before = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.query = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.key = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.value = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", relative_position_index(ws), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+        self.layernorm_after = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(dim, int(cfg.mlp_ratio * dim))
+        self.fc2 = nn.Linear(int(cfg.mlp_ratio * dim), dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        B, _, C = x.shape
+        ws, N, s = self.ws, self.ws * self.ws, self.shift
+        shortcut = x
+        y = self.layernorm_before(x).view(B, h, w, C)  # (B, h, w, C)
+        # zero-pad after the norm to whole windows; padded tokens are keys like any other (no padding mask in Swin)
+        y = F.pad(y, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))  # (B, Hp, Wp, C)
+        Hp, Wp = y.shape[1], y.shape[2]
+        if s:
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+        win = window_partition(y, ws).view(-1, N, C)  # (B*nW, N, C)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, nH)
+        mask = bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, nH, N, N)
+        if s:  # the same (nW, N, N) mask for every image: batch outermost, as the windows
+            m = shift_mask(Hp, Wp, ws, s).to(x.device)
+            mask = mask + m.unsqueeze(1).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(-1, 1, N, N)  # (B*nW,nH,N,N)
+        q = self.query(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
+        k = self.key(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)
+        v = self.value(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)
+        # transformers' Swin runs SDPA with the float bias(+shift) mask; the same call gives the same rounding
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=(C // self.heads) ** -0.5)
+        a = a.transpose(1, 2).contiguous().reshape(win.shape[0], N, -1).contiguous()  # (B*nW, N, C)
+        a = self.proj(a).view(-1, ws, ws, C)  # (B*nW, ws, ws, C)
+        y = window_reverse(a, ws, Hp, Wp)  # (B, Hp, Wp, C)
+        if s:
+            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
+        if Hp != h or Wp != w:
+            y = y[:, :h, :w, :].contiguous()  # crop the window padding
+        x = shortcut + y.view(B, h * w, C)
+        return self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))) + x  # exact-erf GELU
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated (4C), normed, projected to 2C: halves the resolution (odd sizes padded)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        B, _, C = x.shape
+        x = F.pad(x.view(B, h, w, C), (0, 0, 0, w % 2, 0, h % 2))  # (B, h', w', C), even
+        # order (row, col) = (0,0), (1,0), (0,1), (1,1): the checkpoint's reduction weights expect it
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)  # (B, h/2, w/2, 4C)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))  # (B, h/2 * w/2, 2C)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, cfg: SwinConfig, downsample: bool):
+        super().__init__()
+        # odd blocks shift by ws // 2, always: transformers' SwinBackbone never shrinks the window on small maps
+        self.blocks = nn.ModuleList([SwinBlock(dim, heads, cfg.window_size, (i % 2) * (cfg.window_size // 2), cfg)
+                                     for i in range(depth)])
+        self.downsample = PatchMerging(dim, cfg.layer_norm_eps) if downsample else None
+
+
+class SwinBackbone(nn.Module):
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        n = len(cfg.depths)
+        self.stages = nn.ModuleList([SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], cfg, i < n - 1)
+                                     for i in range(n)])
+        self.out_features = list(cfg.out_features)
+        self.channels = [cfg.embed_dim * 2 ** (int(s[5:]) - 1) for s in self.out_features]
+        self.hidden_states_norms = nn.ModuleDict({s: nn.LayerNorm(c, eps=cfg.layer_norm_eps)
+                                                  for s, c in zip(self.out_features, self.channels)})
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> one (B, C_l, H_l, W_l) map per out_feature, each normed by hidden_states_norms."""
+        p, (H, W) = self.patch_size, pixel_values.shape[-2:]
+        x = F.pad(pixel_values, (0, (p - W % p) % p, 0, (p - H % p) % p))  # right/bottom zeros to whole patches
+        x = self.patch_embed(x)  # (B, C, H/4, W/4)
+        h, w = x.shape[-2:]
+        x = self.patch_norm(x.flatten(2).transpose(1, 2))  # (B, h*w, C)
+        maps = []
+        for i, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                x = block(x, h, w)
+            if f"stage{i + 1}" in self.out_features:  # before downsampling; swin.layernorm is never used
+                y = self.hidden_states_norms[f"stage{i + 1}"](x)
+                maps.append(y.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, h, w)
+            if stage.downsample is not None:
+                x = stage.downsample(x, h, w)
+                h, w = (h + 1) // 2, (w + 1) // 2
+        return maps
+
+
+# -----------------------------------------------------------------------------
+# 4. BERT text encoder (bert-base-uncased layout, post-LN, no pooler), fed the per-phrase position ids
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        d, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.attention_dense = nn.Linear(d, d)
+        self.attention_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.intermediate = nn.Linear(d, cfg.intermediate_size)
+        self.output = nn.Linear(cfg.intermediate_size, d)
+        self.output_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        hD = d // self.heads
+        q = self.query(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
+        k = self.key(x).view(B, T, -1, hD).transpose(1, 2)
+        v = self.value(x).view(B, T, -1, hD).transpose(1, 2)
+        # boolean mask straight into SDPA, as transformers' default sdpa path (its eager path adds the bool as 0/1
+        # and so loses the phrase masking: spec P2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5)  # (B, nH, T, hD)
+        a = a.transpose(1, 2).contiguous().reshape(B, T, -1).contiguous()  # (B, T, d)
+        x = self.attention_norm(self.attention_dense(a) + x)
+        return self.output_norm(self.output(F.gelu(self.intermediate(x))) + x)
+
+
+class Bert(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.embeddings_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+    def forward(self, input_ids, token_type_ids, position_ids, mask) -> torch.Tensor:
+        """ids (B, T), mask (B, T, T) bool True = attend -> (B, T, hidden)."""
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = self.embeddings_norm(x + self.position_embeddings(position_ids))
+        for layer in self.layers:
+            x = layer(x, mask[:, None])  # (B, 1, T, T) shared by the heads
+        return x
+
+
+# -----------------------------------------------------------------------------
+# 5. Multi-scale input: projections, masks, sine position embeddings, flattening
+
+
+def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10000) -> torch.Tensor:
+    """(..., n) coordinates in [0, 1] (or position ids) -> (..., n * num_feats): per coordinate interleaved
+    sin/cos of coord * 2pi / temperature^(2*floor(i/2)/num_feats); with n >= 2 the first two swap, (y, x, w, h)."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    embs = [c[..., None] * (2 * math.pi) / dim_t for c in coords.unbind(-1)]  # each (..., num_feats)
+    embs = [torch.stack((e[..., 0::2].sin(), e[..., 1::2].cos()), dim=-1).flatten(-2) for e in embs]
+    if len(embs) >= 2:
+        embs[0], embs[1] = embs[1], embs[0]
+    return torch.cat(embs, dim=-1)
+
+
+def image_position_embedding(mask: torch.Tensor, d_model: int, temperature: float) -> torch.Tensor:
+    """(B, h, w) bool valid mask -> (B, d_model, h, w): DETR's normalised sine embedding, y features first."""
+    y = mask.cumsum(1, dtype=torch.float32)
+    x = mask.cumsum(2, dtype=torch.float32)
+    y = y / (y[:, -1:, :] + 1e-6) * (2 * math.pi)  # normalised by the valid height, so padding does not stretch it
+    x = x / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
+    n = d_model // 2
+    dim_t = torch.arange(n, dtype=torch.float32, device=mask.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / n)
+    px, py = x[:, :, :, None] / dim_t, y[:, :, :, None] / dim_t  # (B, h, w, n)
+    px = torch.stack((px[:, :, :, 0::2].sin(), px[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    py = torch.stack((py[:, :, :, 0::2].sin(), py[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((py, px), dim=3).permute(0, 3, 1, 2)  # (B, d_model, h, w)
+
+
+@dataclass
+class Levels:
+    """The flattened multi-scale image tokens and everything about their layout that later stages need."""
+    source: torch.Tensor  # (B, S, 256) projected features
+    mask: torch.Tensor  # (B, S) bool, True = real image (not padding)
+    pos: torch.Tensor  # (B, S, 256) sine position + level embedding
+    shapes: list  # [(H_l, W_l)] * L
+    valid_ratios: torch.Tensor  # (B, L, 2) fraction of each map that is image, (w, h)
+    maps: list = field(default_factory=list)  # the projected (B, 256, H_l, W_l) maps, for dumps
+
+
+def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    _, h, w = mask.shape
+    vh = torch.sum(mask[:, :, 0], 1, dtype=torch.float32)
+    vw = torch.sum(mask[:, 0, :], 1, dtype=torch.float32)
+    return torch.stack([vw / w, vh / h], -1)  # (B, 2), (w, h) order
+
+
+# -----------------------------------------------------------------------------
+# 6. Feature enhancer: image and text tokens attend to themselves and to each other
+
+
+class MultiheadAttention(nn.Module):
+    """Plain multi-head attention with an additive float mask (the text enhancer and the decoder use it)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, q_in, k_in, v_in, mask=None) -> torch.Tensor:
+        B, T, d = q_in.shape
+        hD = d // self.heads
+        q = self.query(q_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, T, hD)
+        k = self.key(k_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, Tk, hD)
+        v = self.value(v_in).view(B, -1, self.heads, hD).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hD)  # (B, nH, T, Tk)
+        if mask is not None:
+            scores = scores + mask
+        out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()  # (B, T, nH, hD)
+        return self.out_proj(out.view(B, T, d))
+
+
+class BiAttention(nn.Module):
+    """Image-to-text and text-to-image attention sharing one score matrix (the paper's bi-attention)."""
+
+    def __init__(self, d: int, width: int, heads: int):
+        super().__init__()
+        self.heads, self.hD = heads, width // heads
+        self.vision_proj, self.text_proj = nn.Linear(d, width), nn.Linear(d, width)
+        self.values_vision_proj, self.values_text_proj = nn.Linear(d, width), nn.Linear(d, width)
+        self.out_vision_proj, self.out_text_proj = nn.Linear(width, d), nn.Linear(width, d)
+
+    def heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, _ = x.shape
+        x = x.view(B, n, self.heads, self.hD).transpose(1, 2).contiguous()  # (B, nH, n, hD)
+        return x.view(B * self.heads, n, self.hD)  # (B*nH, n, hD)
+
+    def forward(self, v, t, img_pad, txt_pad):
+        B, S, _ = v.shape
+        T, nH = t.shape[1], self.heads
+        q = self.heads_first(self.vision_proj(v) * self.hD ** -0.5)
+        k = self.heads_first(self.text_proj(t))
+        vv = self.heads_first(self.values_vision_proj(v))
+        vt = self.heads_first(self.values_text_proj(t))
+        A = torch.bmm(q, k.transpose(1, 2))  # (B*nH, S, T)
+        # transformers subtracts the max over the whole tensor (all images, heads; before masking) and clamps to
+        # +-50000: softmax-invariant in exact arithmetic, so we mirror it for identical rounding (and so an image's
+        # result depends slightly on its batch-mates, as there)
+        A = torch.clamp(A - A.max(), min=-50000, max=50000)
+        At = A.transpose(1, 2)  # (B*nH, T, S)
+        At = torch.clamp(At - torch.max(At, dim=-1, keepdim=True)[0], min=-50000, max=50000)
+        At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))
+        A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))
+        dv = torch.bmm(A.softmax(-1), vt).view(B, nH, S, self.hD).transpose(1, 2).reshape(B, S, -1)  # (B, S, width)
+        dt = torch.bmm(At.softmax(-1), vv).view(B, nH, T, self.hD).transpose(1, 2).reshape(B, T, -1)  # (B, T, width)
+        return self.out_vision_proj(dv), self.out_text_proj(dt)
+
+
+class FusionLayer(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.layer_norm_vision = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.layer_norm_text = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.attn = BiAttention(d, cfg.encoder_ffn_dim // 2, cfg.encoder_attention_heads // 2)
+        self.vision_param = nn.Parameter(torch.full((d,), 1e-4))  # layer scales (init 1e-4, learned)
+        self.text_param = nn.Parameter(torch.full((d,), 1e-4))
+
+    def forward(self, V, T, img_pad, txt_pad):
+        v, t = self.layer_norm_vision(V), self.layer_norm_text(T)  # the residual starts from the normed inputs
+        dv, dt = self.attn(v, t, img_pad, txt_pad)
+        return v + self.vision_param * dv, t + self.text_param * dt
+
+
+class TextEnhancerLayer(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiheadAttention(d, cfg.encoder_attention_heads // 2)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim // 2), nn.Linear(cfg.encoder_ffn_dim // 2, d)
+        self.layer_norm_before = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.layer_norm_after = nn.LayerNorm(d, cfg.layer_norm_eps)
+
+    def forward(self, T, tpos, phrase_bias):
+        qk = T + tpos  # position only on queries and keys
+        T = self.layer_norm_before(T + self.self_attn(qk, qk, T, phrase_bias))
+        return self.layer_norm_after(self.fc2(F.relu(self.fc1(T))) + T)
+
+
+class DeformableAttention(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR eq. 3): each query samples P points per level around its
+    reference; the sampling itself is common.ms_deform_attn."""
+
+    def __init__(self, d: int, heads: int, levels: int, points: int):
+        super().__init__()
+        self.heads, self.levels, self.points = heads, levels, points
+        self.sampling_offsets = nn.Linear(d, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(d, heads * levels * points)
+        self.value_proj = nn.Linear(d, d)
+        self.output_proj = nn.Linear(d, d)
+
+    def forward(self, query, value, value_mask, ref, shapes, backend="torch") -> torch.Tensor:
+        B, Q, d = query.shape
+        S, nH, L, P = value.shape[1], self.heads, self.levels, self.points
+        value = self.value_proj(value).masked_fill(~value_mask[..., None], 0.0)  # padding zeroed after the bias
+        value = value.view(B, S, nH, d // nH)  # (B, S, nH, hD)
+        off = self.sampling_offsets(query).view(B, Q, nH, L, P, 2)  # (B, Q, nH, L, P, 2)
+        w = self.attention_weights(query).view(B, Q, nH, L * P).softmax(-1)  # (B, Q, nH, L*P): over levels and points
+        if ref.shape[-1] == 2:  # encoder: a point per level, offsets in pixels of that level
+            norm = torch.tensor([[wl, hl] for hl, wl in shapes], dtype=query.dtype, device=query.device)  # (L, 2)
+            loc = ref[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
+        else:  # decoder: a box per level, offsets scaled by half its size over P
+            loc = ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
+        out = ms_deform_attn(value, shapes, [P] * L, loc.flatten(3, 4), w, backend=backend)  # (B, Q, d)
+        return self.output_proj(out.contiguous())  # contiguous as transformers: another GEMM path rounds otherwise
+
+
+class DeformableLayer(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = DeformableAttention(d, cfg.encoder_attention_heads, cfg.num_feature_levels,
+                                             cfg.encoder_n_points)
+        self.self_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim), nn.Linear(cfg.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+
+    def forward(self, V, pos, mask, ref, shapes, backend):
+        V = self.self_attn_layer_norm(V + self.self_attn(V + pos, V, mask, ref, shapes, backend))
+        return self.final_layer_norm(V + self.fc2(F.relu(self.fc1(V))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        self.fusion_layer = FusionLayer(cfg)
+        self.text_enhancer_layer = TextEnhancerLayer(cfg)
+        self.deformable_layer = DeformableLayer(cfg)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.encoder_layers)])
+
+
+def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
+    """(B, S, L, 2): every token's pixel centre, normalised by the valid part of its map, seen from each level."""
+    refs = []
+    for l, (h, w) in enumerate(shapes):
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype),
+                                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype), indexing="ij")
+        ry = ry.reshape(-1)[None] / (valid_ratios[:, None, l, 1] * h)  # (B, h*w)
+        rx = rx.reshape(-1)[None] / (valid_ratios[:, None, l, 0] * w)
+        refs.append(torch.stack((rx, ry), -1))  # (B, h*w, 2)
+    return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2); transformers' exact expression
+
+
+# -----------------------------------------------------------------------------
+# 7. Language-guided query selection: the image tokens most similar to any text token seed the 900 queries
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[torch.Tensor, torch.Tensor]:
+    """One anchor box per image token (its cell centre, side 0.05 * 2^level), in logit space; +inf for padding
+    and for anchors not strictly inside (0.01, 0.99). Returns those and the memory zeroed at the same places."""
+    B, props, start = memory.shape[0], [], 0
+    for l, (h, w) in enumerate(shapes):
+        m = pad[:, start: start + h * w].view(B, h, w, 1)  # (B, h, w, 1)
+        vh, vw = torch.sum(~m[:, :, 0, 0], 1), torch.sum(~m[:, 0, :, 0], 1)
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=memory.dtype),
+                                torch.linspace(0, w - 1, w, dtype=memory.dtype), indexing="ij")
+        grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)  # (h, w, 2)
+        scale = torch.cat([vw.unsqueeze(-1), vh.unsqueeze(-1)], 1).view(B, 1, 1, 2)
+        grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale  # (B, h, w, 2)
+        wh = torch.ones_like(grid) * 0.05 * (2.0 ** l)
+        props.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, h*w, 4)
+        start += h * w
+    p = torch.cat(props, 1)  # (B, S, 4)
+    ok = ((p > 0.01) & (p < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
+    p = torch.log(p / (1 - p))  # plain logit, no eps: outside anchors become +inf below anyway
+    p = p.masked_fill(pad.unsqueeze(-1), float("inf")).masked_fill(~ok, float("inf"))
+    q = memory.masked_fill(pad.unsqueeze(-1), 0.0).masked_fill(~ok, 0.0)
+    return q, p
+
+
+# -----------------------------------------------------------------------------
+# 8. Decoder: queries refine their boxes layer by layer, attending to themselves, the text and the image
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        d, nH = cfg.d_model, cfg.decoder_attention_heads
+        self.self_attn = MultiheadAttention(d, nH)
+        self.self_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.encoder_attn_text = MultiheadAttention(d, nH)
+        self.encoder_attn_text_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.encoder_attn = DeformableAttention(d, nH, cfg.num_feature_levels, cfg.decoder_n_points)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.decoder_ffn_dim), nn.Linear(cfg.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+
+    def forward(self, h, qpos, ref, memory, mem_mask, text, text_bias, shapes, backend):
+        q = h + qpos
+        h = self.self_attn_layer_norm(h + self.self_attn(q, q, h))
+        h = self.encoder_attn_text_layer_norm(h + self.encoder_attn_text(h + qpos, text, text, text_bias))
+        h = self.encoder_attn_layer_norm(h + self.encoder_attn(h + qpos, memory, mem_mask, ref, shapes, backend))
+        return self.final_layer_norm(h + self.fc2(F.relu(self.fc1(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.decoder_layers)])
+        self.layer_norm = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.reference_points_head = MLP([2 * cfg.d_model, cfg.d_model, cfg.d_model])
+
+
+# -----------------------------------------------------------------------------
+# 9. Heads: contrastive class logits against the text tokens; the one place Grounding DINO and MM differ
+
+
+class ContrastiveHead(nn.Module):
+    """logits[q, t] = query . text token t, over the prompt's tokens, -inf elsewhere up to max_text_len.
+
+    Grounding DINO: the plain dot product, no parameters. MM Grounding DINO / LLMDet (mmdet's
+    ContrastiveEmbed(log_scale='auto', bias=True)): divided by sqrt(d) = 16 plus a learned scalar bias, which is why
+    their scores run lower and want thresholds of about 0.3-0.4.
+    """
+
+    def __init__(self, max_text_len: int, mm: bool):
+        super().__init__()
+        self.max_text_len = max_text_len
+        self.bias = nn.Parameter(torch.tensor(0.0)) if mm else None
+
+    def forward(self, queries, text, text_mask) -> torch.Tensor:
+        r = queries @ text.transpose(-1, -2)  # (B, Q, T)
+        if self.bias is not None:
+            r = r / math.sqrt(queries.shape[-1]) + self.bias
+        r = r.masked_fill(~text_mask[:, None, :], float("-inf"))  # [CLS], '.', [SEP] stay visible, as upstream
+        out = torch.full((*r.shape[:-1], self.max_text_len), float("-inf"))  # (B, Q, max_text_len)
+        out[..., : r.shape[-1]] = r
+        return out
+
+
+def box_logit(x: torch.Tensor) -> torch.Tensor:
+    # torch.special.logit(eps=1e-5), as transformers, and not common.inverse_sigmoid: they differ for boxes that
+    # saturate at 1.0 (selected padding anchors), which would break bit-exact parity
+    return torch.special.logit(x, eps=1e-5)
+
+
+@dataclass
+class GroundingDinoOutput:
+    logits: torch.Tensor  # (B, Q, max_text_len), -inf beyond the prompt's tokens
+    pred_boxes: torch.Tensor  # (B, Q, 4) cx, cy, w, h relative to the unpadded image
+    stages: dict | None = None  # name -> tensor or list of tensors, in data-flow order, when asked
+
+
+class GroundingDino(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig, backend: str = "torch"):
+        super().__init__()
+        self.cfg, self.backend = cfg, backend
+        d, L = cfg.d_model, cfg.num_feature_levels
+        self.backbone = SwinBackbone(cfg.backbone)
+        self.text_backbone = Bert(cfg.text)
+        self.text_projection = nn.Linear(cfg.text.hidden_size, d)
+        chans = self.backbone.channels
+        extra = [chans[-1]] + [d] * (L - len(chans) - 1)  # the first extra level reads the raw last backbone map
+        self.input_proj_vision = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in chans]
+            + [nn.Sequential(nn.Conv2d(c, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)) for c in extra])
+        self.level_embed = nn.Parameter(torch.zeros(L, d))
+        self.encoder = Encoder(cfg)
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.encoder_output_bbox_embed = MLP([d, d, d, 4])
+        self.encoder_output_class_embed = ContrastiveHead(cfg.max_text_len, cfg.is_mm)
+        self.query_position_embeddings = nn.Embedding(cfg.num_queries, d)
+        self.decoder = Decoder(cfg)
+        n_box = 1 if cfg.decoder_bbox_embed_share else cfg.decoder_layers
+        n_cls = 1 if (cfg.decoder_cls_embed_share or not cfg.is_mm) else cfg.decoder_layers
+        self.bbox_embed = nn.ModuleList([MLP([d, d, d, 4]) for _ in range(n_box)])  # one module when shared
+        self.class_embed = nn.ModuleList([ContrastiveHead(cfg.max_text_len, cfg.is_mm) for _ in range(n_cls)])
+        self.tokenizer = None  # set by from_pretrained
+        self.preprocessor = {"shortest": 800, "longest": 1333, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
+                        backend: str = "torch") -> "GroundingDino":
+        """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11."""
+        return load_checkpoint(name_or_path, revision, backend)
+
+    def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25) -> dict | list[dict]:
+        """Images and prompts -> detections per image; see detect() in section 11."""
+        return detect(self, images, prompts, threshold, text_threshold)
+
+    def box_head(self, i: int) -> MLP:
+        return self.bbox_embed[i if len(self.bbox_embed) > 1 else 0]
+
+    def class_head(self, i: int) -> ContrastiveHead:
+        return self.class_embed[i if len(self.class_embed) > 1 else 0]
+
+    # --- the stages, each callable alone -------------------------------------------------------------------------
+
+    def encode_text(self, input_ids, attention_mask, token_type_ids=None) -> dict:
+        """Tokens -> projected BERT features (B, T, 256) plus the masks every later stage needs."""
+        phrase, position_ids = phrase_masks(input_ids)  # (B, T, T), (B, T)
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        feats = self.text_backbone(input_ids, token_type_ids, position_ids, phrase)  # (B, T, 768)
+        return {"features": self.text_projection(feats), "token_mask": attention_mask.bool(), "phrase_mask": phrase,
+                "position_ids": position_ids}
+
+    def prepare_levels(self, maps: list[torch.Tensor], pixel_mask: torch.Tensor) -> Levels:
+        """Backbone maps -> L projected maps flattened to (B, S, 256) with masks and position embeddings."""
+        srcs, masks = [], []
+        for l, m in enumerate(maps):
+            srcs.append(self.input_proj_vision[l](m))
+        for l in range(len(maps), self.cfg.num_feature_levels):
+            srcs.append(self.input_proj_vision[l](maps[-1] if l == len(maps) else srcs[-1]))
+        for s in srcs:  # nearest-neighbour downsampling of the full-resolution mask (F.interpolate's default)
+            masks.append(F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0])  # (B, h, w)
+        t = self.cfg.positional_embedding_temperature
+        pos = [image_position_embedding(m, self.cfg.d_model, t) for m in masks]  # (B, 256, h, w) each
+        return Levels(
+            source=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),  # (B, S, 256)
+            mask=torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
+            pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[l].view(1, 1, -1)
+                           for l, p in enumerate(pos)], 1),  # (B, S, 256): level embedding on positions only
+            shapes=[tuple(s.shape[-2:]) for s in srcs],
+            valid_ratios=torch.stack([valid_ratio(m) for m in masks], 1),  # (B, L, 2)
+            maps=srcs)
+
+    def encode(self, lv: Levels, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature enhancer: per layer fusion, text self-attention (within phrases), deformable self-attention."""
+        V, T = lv.source, text["features"]
+        img_pad, txt_pad = ~lv.mask, ~text["token_mask"]
+        ref = encoder_reference_points(lv.shapes, lv.valid_ratios)  # (B, S, L, 2)
+        tpos = sine_embedding(text["position_ids"][..., None].float(), self.cfg.d_model)  # (B, T, 256)
+        heads = self.cfg.encoder_attention_heads // 2
+        phrase = text["phrase_mask"][:, None].repeat(1, heads, 1, 1).float()  # (B, nH, T, T)
+        phrase_bias = (1.0 - phrase) * torch.finfo(phrase.dtype).min  # additive, as transformers
+        for layer in self.encoder.layers:
+            V, T = layer.fusion_layer(V, T, img_pad, txt_pad)
+            T = layer.text_enhancer_layer(T, tpos, phrase_bias)
+            V = layer.deformable_layer(V, lv.pos, lv.mask, ref, lv.shapes, self.backend)
+        return V, T
+
+    def select_queries(self, memory, lv: Levels, text_feats, text_mask) -> dict:
+        """Score every image token against the text; the top Q (sorted: the rank picks the target embedding)
+        give the initial boxes."""
+        q, proposals = encoder_proposals(memory, ~lv.mask, lv.shapes)
+        q = self.enc_output_norm(self.enc_output(q))  # (B, S, 256)
+        enc_class = self.encoder_output_class_embed(q, text_feats, text_mask)  # (B, S, 256)
+        enc_coord = self.encoder_output_bbox_embed(q) + proposals  # (B, S, 4) logits, +inf where invalid
+        topk = torch.topk(enc_class.max(-1)[0], self.cfg.num_queries, dim=1)[1]  # (B, Q)
+        ref = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).sigmoid()  # (B, Q, 4)
+        return {"enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
+                "init_reference_points": ref}
+
+    def decode(self, ref, memory, lv: Levels, text_feats, text_mask) -> tuple[list, list]:
+        """Returns per layer the layer-normed query features (B, Q, 256) and the refined boxes (B, Q, 4)."""
+        B = memory.shape[0]
+        h = self.query_position_embeddings.weight.unsqueeze(0).repeat(B, 1, 1)  # (B, Q, 256): learned targets
+        text_bias = (~text_mask)[:, None, None, :].float() * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+        hidden, refs = [], []
+        for i, layer in enumerate(self.decoder.layers):
+            ref_in = ref[:, :, None] * torch.cat([lv.valid_ratios, lv.valid_ratios], -1)[:, None]  # (B, Q, L, 4)
+            qpos = self.decoder.reference_points_head(sine_embedding(ref_in[:, :, 0, :], self.cfg.d_model // 2))
+            h = layer(h, qpos, ref_in, memory, lv.mask, text_feats, text_bias, lv.shapes, self.backend)
+            # refinement from the raw layer output (the heads see the normed one): spec P4
+            ref = (self.box_head(i)(h) + box_logit(ref)).sigmoid().detach()
+            hidden.append(self.decoder.layer_norm(h))
+            refs.append(ref)
+        return hidden, refs
+
+    def heads(self, hidden, init_ref, refs, text_feats, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits and boxes of the last decoder layer (the head of layer i uses layer i-1's reference)."""
+        i = len(hidden) - 1
+        inter = torch.stack(hidden, 1)[:, i]  # (B, Q, 256); sliced from the stack as transformers does
+        prev = init_ref if i == 0 else torch.stack(refs, 1)[:, i - 1]  # (B, Q, 4)
+        logits = self.class_head(i)(inter, text_feats, text_mask)
+        boxes = (self.box_head(i)(inter) + box_logit(prev)).sigmoid()
+        return logits, boxes
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
+                return_stages: bool = False) -> GroundingDinoOutput:
+        maps = self.backbone(pixel_values)  # 3 (4) maps (B, C_l, H_l, W_l)
+        return self.forward_text(maps, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask,
+                                 return_stages)
+
+    @torch.inference_mode()
+    def forward_text(self, maps, pixel_values, input_ids, attention_mask, token_type_ids=None, pixel_mask=None,
+                     return_stages=False) -> GroundingDinoOutput:
+        """Everything after the backbone: detect() reuses the backbone maps for every chunk of a long label list."""
+        B, _, H, W = pixel_values.shape
+        if input_ids.shape[1] > self.cfg.max_text_len:
+            raise InputError(f"the prompt has {input_ids.shape[1]} tokens; the model reads at most "
+                             f"{self.cfg.max_text_len}. Use model.detect(), which splits long label lists into chunks")
+        assert input_ids.shape[0] == B, f"{input_ids.shape[0]} prompts for {B} images"
+        pixel_mask = torch.ones(B, H, W, dtype=torch.long) if pixel_mask is None else pixel_mask
+        text = self.encode_text(input_ids, attention_mask, token_type_ids)  # features (B, T, 256)
+        lv = self.prepare_levels(maps, pixel_mask)  # (B, S, 256) and layout
+        memory, text_feats = self.encode(lv, text)  # (B, S, 256), (B, T, 256)
+        sel = self.select_queries(memory, lv, text_feats, text["token_mask"])  # top-Q boxes (B, Q, 4)
+        hidden, refs = self.decode(sel["init_reference_points"], memory, lv, text_feats, text["token_mask"])
+        logits, boxes = self.heads(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
+        stages = None
+        if return_stages:
+            stages = {"backbone": maps, "text_features": text["features"], "text_position_ids": text["position_ids"],
+                      "projected_maps": lv.maps, "encoder_vision": memory, "encoder_text": text_feats, **sel,
+                      "decoder_hidden": hidden, "decoder_boxes": refs, "logits": logits, "pred_boxes": boxes}
+        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, stages=stages)
+
+
+# -----------------------------------------------------------------------------
+# 10. Post-processing, as transformers' GroundingDinoProcessor.post_process_grounded_object_detection
+
+
+def phrase_token_ids(probs: torch.Tensor, input_ids: torch.Tensor, text_threshold: float) -> list[list[int]]:
+    """Per kept query, the prompt's token ids scoring above text_threshold. Like transformers, column 0 ([CLS]) and
+    columns from max_text_len - 1 on are dropped; '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'."""
+    pos = probs > text_threshold  # (n, max_text_len)
+    pos[:, 0] = False
+    pos[:, pos.shape[-1] - 1:] = False
+    return [[int(input_ids[i]) for i in row.nonzero(as_tuple=True)[0].tolist()] for row in pos]
+
+
+def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, tokenizer,
+                 threshold: float = 0.25, text_threshold: float = 0.25,
+                 target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+    """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings]}.
+
+    score = max over the prompt's tokens of sigmoid(logit) ([CLS] and '.' included); a query is kept when score >
+    threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
+    """
+    probs = torch.sigmoid(logits)  # (B, Q, max_text_len)
+    scores = torch.max(probs, dim=-1)[0]  # (B, Q)
+    boxes = center_to_corners(pred_boxes)  # (B, Q, 4) xyxy in [0, 1]
+    if target_sizes is not None:
+        h = torch.tensor([float(s[0]) for s in target_sizes])
+        w = torch.tensor([float(s[1]) for s in target_sizes])
+        boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]  # (B, Q, 4) pixels
+    results = []
+    for b in range(logits.shape[0]):
+        keep = scores[b] > threshold
+        ids = phrase_token_ids(probs[b][keep], input_ids[b], text_threshold)
+        results.append({"scores": scores[b][keep], "boxes": boxes[b][keep],
+                        "labels": [tokenizer.decode(i, skip_special_tokens=False) for i in ids]})
+    return results
+
+
+# -----------------------------------------------------------------------------
+# 11. Loading: the checkpoint key map, from_pretrained, detect (with chunking of long label lists)
+
+# file key (after the prefix) -> our name; first matching rule wins, None drops the key on purpose.
+SWIN_RULES = [  # legacy (4.x Hub files) and 5.x names of the same tensors
+    (r"^(swin\.)?layernorm\.", None),  # SwinModel's final norm: the backbone never uses it
+    (r"\.relative_position_index$", None),  # a constant buffer, recomputed
+    (r"^(swin\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed."),
+    (r"^(swin\.)?embeddings\.norm\.", "patch_norm."),
+    (r"^(swin\.)?encoder\.layers\.(\d+)\.", r"stages.\2."),
+    (r"\.attention\.self\.query\.|\.attention\.q_proj\.", ".query."),
+    (r"\.attention\.self\.key\.|\.attention\.k_proj\.", ".key."),
+    (r"\.attention\.self\.value\.|\.attention\.v_proj\.", ".value."),
+    (r"\.attention\.(self|relative_position_bias)\.relative_position_bias_table$", ".relative_position_bias_table"),
+    (r"\.attention\.output\.dense\.|\.attention\.o_proj\.", ".proj."),
+    (r"\.intermediate\.dense\.|\.mlp\.fc1\.", ".fc1."),
+    (r"\.output\.dense\.|\.mlp\.fc2\.", ".fc2."),
+]
+BERT_RULES = [
+    (r"^embeddings\.(position_ids|token_type_ids)$", None),  # constant buffers
+    (r"^pooler\.", None),  # unused by Grounding DINO (absent from Hub files)
+    (r"^embeddings\.LayerNorm\.", "embeddings_norm."),
+    (r"^embeddings\.", ""),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"layers.\1."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention_dense."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention_norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.intermediate."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.output."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.output_norm."),
+]
+
+
+def apply_rules(key: str, rules) -> str | None:
+    for pattern, repl in rules:
+        if re.search(pattern, key):
+            if repl is None:
+                return None
+            key = re.sub(pattern, repl, key, count=1)
+    return key
+
+
+def key_map_for(cfg: GroundingDinoConfig):
+    """The port in one function: Hub key -> our parameter name (None = dropped on purpose).
+
+    Heads: transformers keeps the decoder's box (and MM class) heads twice, as `bbox_embed.i` and
+    `model.decoder.bbox_embed.i`, and files store some of those copies (grounding-dino-tiny only `bbox_embed.0`).
+    Every copy of layer i maps to our head i, or to our single head 0 when the config shares it; load_weights
+    then checks that copies landing on one parameter are equal.
+    """
+    share_box = cfg.decoder_bbox_embed_share
+    share_cls = cfg.decoder_cls_embed_share or not cfg.is_mm
+
+    def key_map(key: str) -> str | None:
+        if key.startswith("model.backbone.conv_encoder.model."):
+            name = apply_rules(key[len("model.backbone.conv_encoder.model."):], SWIN_RULES)
+            return None if name is None else "backbone." + name
+        if key.startswith("model.text_backbone."):
+            name = apply_rules(key[len("model.text_backbone."):], BERT_RULES)
+            return None if name is None else "text_backbone." + name
+        m = re.match(r"^(?:model\.decoder\.)?(bbox_embed|class_embed)\.(\d+)\.(.*)$", key)
+        if m:
+            head, i, rest = m.groups()
+            shared = share_box if head == "bbox_embed" else share_cls
+            return f"{head}.{0 if shared else int(i)}.{rest}"
+        if key.startswith("model."):
+            return key[len("model."):]  # the body: our names are transformers' names
+        return key
+
+    return key_map
+
+
+def read_preprocessor(folder: Path) -> dict:
+    p = {"shortest": 800, "longest": 1333, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    f = folder / "preprocessor_config.json"
+    if f.is_file():
+        c = json.loads(f.read_text())
+        size = c.get("size") or {}
+        p["shortest"] = size.get("shortest_edge", p["shortest"])
+        p["longest"] = size.get("longest_edge", c.get("max_size", p["longest"]))
+        p["mean"], p["std"] = tuple(c.get("image_mean", p["mean"])), tuple(c.get("image_std", p["std"]))
+    return p
+
+
+def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "torch") -> GroundingDino:
+    folder = resolve_checkpoint(name_or_path, revision)
+    cfg = GroundingDinoConfig.from_dict(read_config(folder, MODEL_TYPES))
+    model = GroundingDino(cfg, backend=backend)
+    load_weights(model, weight_files(folder), key_map_for(cfg))
+    model.tokenizer = load_tokenizer(folder)
+    model.preprocessor = read_preprocessor(folder)
+    model.name, model.revision = str(name_or_path), revision
+    return model.eval()
+
+
+def split_phrases(prompt: str | Sequence[str]) -> list[str]:
+    """A label list or a 'a. b. c.' string -> its phrases, each as the text it contributes to a chunk."""
+    if isinstance(prompt, str):
+        return [p.strip() for p in re.findall(r"[^.?]*[.?]|[^.?]+$", prompt) if p.strip()]
+    normalize_prompt(prompt)  # validates the list
+    return [t.strip().lower() + "." for t in prompt]
+
+
+def chunk_prompt(tokenizer, prompt: str | Sequence[str], max_tokens: int = 256) -> list[str]:
+    """Split a prompt into texts of at most max_tokens tokens ([CLS] and [SEP] included), whole phrases only.
+
+    Each chunk is exactly the text transformers would get for that sub-list of labels ("a. b."), so chunk k's
+    detections equal a transformers run on chunk k alone. mmdet's chunked_size does the same for LVIS-size lists.
+    """
+    text = normalize_prompt(prompt)
+    if len(tokenizer.encode(text).ids) <= max_tokens:
+        return [text]
+    chunks, current, n = [], [], 2  # [CLS] and [SEP]
+    for phrase in split_phrases(prompt):
+        k = len(tokenizer.encode(phrase).ids) - 2
+        if k + 2 > max_tokens:
+            raise InputError(f"the label {phrase!r} alone has {k} tokens, more than the {max_tokens - 2} that fit")
+        if current and n + k > max_tokens:
+            chunks.append(" ".join(current))
+            current, n = [], 2
+        current.append(phrase)
+        n += k
+    chunks.append(" ".join(current))
+    for c in chunks:  # tokens of joined phrases add up for BERT's pre-tokenizer, but never trust it silently
+        assert len(tokenizer.encode(c).ids) <= max_tokens, f"chunk of {len(tokenizer.encode(c).ids)} tokens"
+    return chunks
+
+
+def prompts_per_image(prompts, n: int) -> list:
+    """One prompt for all images, or one per image. Like transformers, a list of strings none of which contains
+    '.' is one label list; any other list of strings (or of label lists) has one entry per image."""
+    if isinstance(prompts, str):
+        return [prompts] * n
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts) \
+            and not any("." in p for p in prompts):
+        return [list(prompts)] * n
+    if isinstance(prompts, (list, tuple)) and len(prompts) == n:
+        return list(prompts)
+    raise InputError(f"give one prompt for all images or one per image; got {len(prompts)} prompts for {n} images")
+
+
+@torch.inference_mode()
+def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
+           text_threshold: float = 0.25) -> dict | list[dict]:
+    """Images (path, URL, PIL, array; or a list) and prompts -> per image {"scores", "boxes" (xyxy, original
+    pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing would return.
+
+    Images of different sizes are padded into one batch. A prompt longer than max_text_len tokens is split into
+    chunks of whole labels; the backbone runs once per image and the text-dependent rest once per chunk (the
+    feature enhancer mixes the text into the image tokens, so nothing after the backbone can be shared).
+    """
+    threshold, text_threshold = check_threshold("threshold", threshold), check_threshold("text_threshold",
+                                                                                         text_threshold)
+    single = not isinstance(images, (list, tuple))
+    images = [images] if single else list(images)
+    if not images:
+        raise InputError("no images given")
+    per_image = prompts_per_image(prompts, len(images))
+    texts = [normalize_prompt(p) for p in per_image]
+    chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len) for p in per_image]
+    pp = self.preprocessor
+    if all(len(c) == 1 for c in chunks):  # the common case: one batched pass
+        pixel_values, pixel_mask, sizes = preprocess_images(images, pp["shortest"], pp["longest"], pp["mean"],
+                                                            pp["std"])
+        tok = tokenize(self.tokenizer, texts)
+        out = self(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask)
+        results = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
+                               text_threshold, sizes)
+    else:  # many labels: per image, the backbone once and the rest per chunk, detections concatenated
+        results = []
+        for img, image_chunks in zip(images, chunks):
+            pixel_values, pixel_mask, sizes = preprocess_images([img], pp["shortest"], pp["longest"], pp["mean"],
+                                                                pp["std"])
+            maps = self.backbone(pixel_values)
+            parts = []
+            for text in image_chunks:
+                tok = tokenize(self.tokenizer, [text])
+                out = self.forward_text(maps, pixel_values, tok["input_ids"], tok["attention_mask"],
+                                        tok["token_type_ids"], pixel_mask)
+                parts += post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
+                                      text_threshold, sizes)
+            results.append({"scores": torch.cat([p["scores"] for p in parts]),
+                            "boxes": torch.cat([p["boxes"] for p in parts]),
+                            "labels": [lab for p in parts for lab in p["labels"]]})
+    return results[0] if single else results
+
+
+# -----------------------------------------------------------------------------
+# 12. Command line
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Open-set detection: boxes for the phrases of a text prompt.")
+    ap.add_argument("image", help="image path or URL")
+    ap.add_argument("prompt", help="phrases ending in '.', e.g. \"a cat. a remote control.\"")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder (config.json, model.safetensors)")
+    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    ap.add_argument("--threshold", type=float, default=0.25, help="keep boxes whose best token scores above this")
+    ap.add_argument("--text-threshold", type=float, default=0.25, help="tokens above this form the label")
+    ap.add_argument("--save", metavar="OUT.png", help="draw the detections over the image")
+    ap.add_argument("--json", action="store_true", help="print detections as JSON")
+    ap.add_argument("--dump", metavar="STAGES.safetensors", help="save every stage's tensors")
+    ap.add_argument("--backend", default="torch", choices=["torch", "numba"], help="deformable attention kernel")
+    args = ap.parse_args()
+    check_threshold("--threshold", args.threshold)
+    check_threshold("--text-threshold", args.text_threshold)
+    image = load_image(args.image)
+    model = GroundingDino.from_pretrained(args.model, args.revision, backend=args.backend)
+    t0 = time.perf_counter()
+    r = model.detect(image, args.prompt, args.threshold, args.text_threshold)
+    seconds = time.perf_counter() - t0
+    dets = [{"label": lab, "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+            for lab, s, b in zip(r["labels"], r["scores"], r["boxes"])]
+    if args.json:
+        print(json.dumps({"image": args.image, "prompt": args.prompt, "model": args.model, "detections": dets}))
+    else:
+        for d in dets:
+            print(f"{d['label']:<24} {d['score']:.3f}  {d['box']}")
+        print(f"{len(dets)} detections in {seconds:.1f} s")
+    if args.save:
+        draw_detections(image, r["boxes"], r["labels"], r["scores"], args.save)
+    if args.dump:
+        pp = model.preprocessor
+        pixel_values, pixel_mask, _ = preprocess_images([image], pp["shortest"], pp["longest"], pp["mean"], pp["std"])
+        chunks = chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)
+        tok = tokenize(model.tokenizer, chunks[:1])
+        out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
+                    return_stages=True)
+        save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
+                    args.model, args.revision, pixel_values)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
