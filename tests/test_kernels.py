@@ -1,0 +1,230 @@
+"""kernels.py against the readable version (common.ms_deform_attn_torch): the output and all three gradients.
+
+float64 first and tight, 1e-10: the kernels and grid_sample do the same arithmetic and differ only in the order
+they add things up. Then float32 at 1e-5: grid_sample's compiled CPU code may fuse multiply-adds where ours rounds
+twice, so the last bits differ, and a sample's error grows with the width of its map (a few ulp of x * W).
+The reference gradients come from torch autograd through the readable version.
+
+The CUDA kernels run under numba's simulator (NUMBA_ENABLE_CUDASIM=1, which must be set before numba is imported,
+hence a subprocess that runs this file) on tiny shapes, and on a real GPU at the real shapes (marked cuda).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from common import ms_deform_attn, ms_deform_attn_torch
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def special_locations(shapes, points, Q: int, nH: int, g: torch.Generator) -> torch.Tensor:
+    """(1, Q, nH, P, 2) locations on the rule's edge cases, per level: 0 and 1, pixel centres (k + 0.5) / W, pixel
+    edges k / W, the centre of the pixel just outside (-0.5 / W: pixel coordinate -1 exactly), and beyond the map."""
+    columns = []
+    for (h, w), n in zip(shapes, points):
+        xs = torch.tensor([0.0, 1.0, -0.5 / w, -1.0, 1.5] + [(k + 0.5) / w for k in range(w)] + [k / w for k in range(w)])
+        ys = torch.tensor([0.0, 1.0, -0.5 / h, -1.0, 1.5] + [(k + 0.5) / h for k in range(h)] + [k / h for k in range(h)])
+        pick_x = torch.randint(len(xs), (Q, nH, n), generator=g)
+        pick_y = torch.randint(len(ys), (Q, nH, n), generator=g)
+        columns.append(torch.stack([xs[pick_x], ys[pick_y]], -1))  # (Q, nH, P_l, 2)
+    return torch.cat(columns, 2)[None]  # (1, Q, nH, P, 2)
+
+
+def make_inputs(B, Q, nH, hD, shapes, points, dtype, locations="spread", seed=0):
+    """value, sampling_locations, attention_weights; locations "spread" are uniform over [-0.25, 1.25]."""
+    g = torch.Generator().manual_seed(seed)
+    S, P = sum(h * w for h, w in shapes), sum(points)
+    value = torch.randn(B, S, nH, hD, generator=g, dtype=torch.float64)
+    if locations == "spread":
+        loc = torch.rand(B, Q, nH, P, 2, generator=g, dtype=torch.float64) * 1.5 - 0.25
+    else:
+        loc = special_locations(shapes, points, Q, nH, g).expand(B, -1, -1, -1, -1).to(torch.float64)
+    attn = torch.rand(B, Q, nH, P, generator=g, dtype=torch.float64).softmax(-1)
+    return [x.to(dtype).contiguous() for x in (value, loc, attn)]
+
+
+def value_and_grads(fn, value, shapes, points, loc, attn, grad_out=None):
+    """fn's output and d(output . grad_out)/d(value, loc, attn)."""
+    inputs = [x.detach().requires_grad_() for x in (value, loc, attn)]  # detach keeps the strides
+    out = fn(inputs[0], shapes, points, inputs[1], inputs[2])
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out))
+    return [out.detach(), *grads]
+
+
+def assert_matches_readable(B, Q, nH, hD, shapes, points, dtype, locations="spread", seed=0):
+    args = make_inputs(B, Q, nH, hD, shapes, points, dtype, locations, seed)
+    ours = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+    ref = value_and_grads(ms_deform_attn_torch, args[0], shapes, points, *args[1:])
+    for name, a, b in zip(["output", "grad value", "grad locations", "grad attention"], ours, ref):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+# name: B, Q, nH, hD, spatial shapes (H, W), points per level
+CASES = {
+    "gdino-layout": (2, 5, 3, 7, [(5, 3), (3, 2), (2, 1), (1, 1)], [2, 2, 2, 2]),
+    "dfine-layout": (1, 4, 2, 5, [(6, 4), (3, 5), (1, 1)], [3, 6, 3]),
+    "dfine-nano-layout": (2, 3, 2, 4, [(4, 7), (2, 3)], [6, 6]),
+    "one-pixel-levels": (1, 3, 2, 3, [(1, 1), (1, 1)], [2, 3]),
+    "B=Q=1": (1, 1, 1, 3, [(2, 3)], [2]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("locations", ["spread", "special"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_kernel_matches_readable(case, locations, dtype):
+    assert_matches_readable(*CASES[case], dtype, locations)
+
+
+def test_cpu_kernel_gradcheck():
+    B, Q, nH, hD, shapes, points = CASES["dfine-layout"]
+    value, loc, attn = make_inputs(B, Q, nH, hD, shapes, points, torch.float64)
+    inputs = [x.requires_grad_() for x in (value, loc, attn)]
+    assert torch.autograd.gradcheck(lambda v, lo, a: kernels.ms_deform_attn(v, shapes, points, lo, a), inputs)
+
+
+def test_random_shapes_match_readable():
+    """Seeded loop over random shapes, layouts and locations, float64; stops after 15 s (about 100 cases here)."""
+    rng = np.random.default_rng(0)
+    start, n = time.perf_counter(), 0
+    while n < 200 and time.perf_counter() - start < 15:
+        L = int(rng.integers(1, 5))
+        shapes = [(int(rng.integers(1, 9)), int(rng.integers(1, 9))) for _ in range(L)]
+        points = [int(rng.integers(1, 5)) for _ in range(L)]
+        B, Q, nH, hD = (int(rng.integers(1, k)) for k in (3, 7, 4, 9))
+        assert_matches_readable(B, Q, nH, hD, shapes, points, torch.float64, rng.choice(["spread", "special"]), n)
+        n += 1
+    assert n >= 10, f"only {n} random cases ran in the time allowed"
+
+
+def test_dispatcher_and_strided_inputs():
+    """common.ms_deform_attn(backend="numba") goes through kernels.py, also with views as the models make them."""
+    B, Q, nH, hD, shapes, points = CASES["dfine-layout"]
+    value, loc, attn = make_inputs(B, Q, nH, hD, shapes, points, torch.float32)
+    value = value.flatten(2).transpose(1, 2).contiguous().transpose(1, 2).unflatten(2, (nH, hD))  # same, strided
+    loc = loc.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, Q, nH, P, 2) with Q not outermost
+    assert not value.is_contiguous() and not loc.is_contiguous()
+    ours = value_and_grads(lambda *a: ms_deform_attn(*a, backend="numba"), value, shapes, points, loc, attn)
+    ref = value_and_grads(lambda *a: ms_deform_attn(*a, backend="torch"), value, shapes, points, loc, attn)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    # a sum's gradient arrives expanded (stride 0): the backward must make it contiguous, not read it as is
+    ours = value_and_grads(kernels.ms_deform_attn, value, shapes, points, loc, attn, torch.ones(B, Q, nH * hD))
+    ref = value_and_grads(ms_deform_attn_torch, value, shapes, points, loc, attn, torch.ones(B, Q, nH * hD))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    """The CPU backward owns each value-gradient slice in one thread, so 1 thread and all threads agree bit for bit."""
+    B, Q, nH, hD, shapes, points = 2, 40, 3, 8, [(6, 7), (3, 4)], [3, 3]
+    args = make_inputs(B, Q, nH, hD, shapes, points, torch.float32)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+    finally:
+        numba.set_num_threads(threads)
+    many = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_entry_point_rejects_what_the_kernels_cannot_take():
+    B, Q, nH, hD, shapes, points = CASES["B=Q=1"]
+    value, loc, attn = make_inputs(B, Q, nH, hD, shapes, points, torch.float32)
+    with pytest.raises(AssertionError, match="float32 or float64"):
+        kernels.ms_deform_attn(value.half(), shapes, points, loc.half(), attn.half())
+    with pytest.raises(AssertionError, match="float32 or float64"):
+        kernels.ms_deform_attn(value.double(), shapes, points, loc, attn)
+    with pytest.raises(AssertionError, match="points_per_level"):
+        kernels.ms_deform_attn(value, shapes, [points[0] + 1], loc, attn)
+    with pytest.raises(AssertionError, match="tokens"):
+        kernels.ms_deform_attn(value, [(1, 1)], points, loc, attn)
+
+
+# -----------------------------------------------------------------------------
+# CUDA: the simulator on this machine, a real GPU where there is one
+
+
+def run_cuda_kernels_on_arrays(value, shapes, points, loc, attn, grad_out):
+    """The CUDA launch functions on numba device arrays (what the simulator can run: it has no torch CUDA tensors)."""
+    from numba import cuda
+
+    levels = kernels.level_table(shapes, points)
+    B, Q, nH, P = attn.shape
+    d = {k: cuda.to_device(x.numpy()) for k, x in dict(value=value, loc=loc, attn=attn, grad_out=grad_out).items()}
+    out = cuda.device_array((B, Q, nH * value.shape[3]), value.numpy().dtype)
+    grads = [cuda.to_device(np.zeros(x.shape, x.numpy().dtype)) for x in (value, loc, attn)]
+    dl = cuda.to_device(levels)
+    kernels.cuda_forward(d["value"], dl, d["loc"], d["attn"], out)
+    kernels.cuda_backward(d["value"], dl, d["loc"], d["attn"], d["grad_out"], *grads)
+    return [torch.from_numpy(x.copy_to_host()) for x in (out, *grads)]
+
+
+def cudasim_checks() -> None:
+    """Runs in the subprocess with NUMBA_ENABLE_CUDASIM=1: tiny shapes, since each simulated thread costs ~0.4 ms."""
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "set NUMBA_ENABLE_CUDASIM=1 before numba is imported"
+    for shapes, points in ([(2, 3), (1, 1)], [2, 1]), ([(3, 2), (2, 2), (1, 1)], [1, 2, 1]):
+        for locations in ("spread", "special"):
+            for dtype in (torch.float64, torch.float32):
+                B, Q, nH, hD = 1, 2, 2, 3
+                value, loc, attn = make_inputs(B, Q, nH, hD, shapes, points, dtype, locations)
+                grad_out = torch.randn(B, Q, nH * hD, generator=torch.Generator().manual_seed(1), dtype=dtype)
+                ours = run_cuda_kernels_on_arrays(value, shapes, points, loc, attn, grad_out)
+                ref = value_and_grads(ms_deform_attn_torch, value, shapes, points, loc, attn, grad_out)
+                for name, a, b in zip(["output", "grad value", "grad locations", "grad attention"], ours, ref):
+                    torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{name}, {dtype}, {locations}: {m}")
+    print("cudasim ok")
+
+
+def test_cuda_kernels_under_the_simulator():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])  # kernels, common
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": path}
+    res = subprocess.run([sys.executable, __file__, "cudasim"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "cudasim ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_kernel_matches_readable(case, dtype):
+    B, Q, nH, hD, shapes, points = CASES[case]
+    for locations in ("spread", "special"):
+        args = [x.cuda() for x in make_inputs(B, Q, nH, hD, shapes, points, dtype, locations)]
+        ours = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+        ref = value_and_grads(ms_deform_attn_torch, args[0], shapes, points, *args[1:])
+        for a, b in zip(ours, ref):
+            assert a.is_cuda
+            torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [s[0] for s in kernels.BENCH_SHAPES])
+def test_cuda_kernel_at_real_shapes(name):
+    """float32 at the models' shapes: the CUDA kernel against the CPU kernel (same arithmetic) and the readable one."""
+    _, shapes, Q, nH, hD, points = next(s for s in kernels.BENCH_SHAPES if s[0] == name)
+    args = make_inputs(1, Q, nH, hD, shapes, points, torch.float32, "spread")
+    cpu = kernels.ms_deform_attn(args[0], shapes, points, *args[1:])
+    gpu = kernels.ms_deform_attn(*[args[0].cuda()], shapes, points, *[x.cuda() for x in args[1:]])
+    ref = ms_deform_attn_torch(*[args[0].cuda()], shapes, points, *[x.cuda() for x in args[1:]])
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gpu, ref, atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["cudasim"]:
+    cudasim_checks()
