@@ -82,7 +82,7 @@ def cpu_forward(value, levels, loc, attn, out):
                     ix = (t(2) * loc[b, q, h, p, 0] - t(1) + t(1)) * (t(W) / t(2)) - t(0.5)
                     iy = (t(2) * loc[b, q, h, p, 1] - t(1) + t(1)) * (t(H) / t(2)) - t(0.5)
                     if -1 <= ix < W and -1 <= iy < H:
-                        x0, y0 = math.floor(ix), math.floor(iy)  # ints, exact: ix is in [-1, W)
+                        x0, y0 = int(math.floor(ix)), int(math.floor(iy))  # exact: ix is in [-1, W)
                         fx, fy = ix - t(x0), iy - t(y0)
                         sample[:] = 0
                         for corner in range(4):  # nw, ne, sw, se
@@ -121,7 +121,7 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
                     iy = (t(2) * loc[b, q, h, p, 1] - t(1) + t(1)) * (t(H) / t(2)) - t(0.5)
                     ga, gx, gy = t(0), t(0), t(0)  # d out / d attn, d ix, d iy, each dotted with g
                     if -1 <= ix < W and -1 <= iy < H:
-                        x0, y0 = math.floor(ix), math.floor(iy)  # ints, exact: ix is in [-1, W)
+                        x0, y0 = int(math.floor(ix)), int(math.floor(iy))  # exact: ix is in [-1, W)
                         fx, fy = ix - t(x0), iy - t(y0)
                         a = attn[b, q, h, p]
                         for corner in range(4):  # nw, ne, sw, se
@@ -176,7 +176,7 @@ def _forward_kernel(value, levels, loc, attn, out):
             ix = (t(2) * loc[b, q, h, p, 0] - t(1) + t(1)) * (t(W) / t(2)) - t(0.5)
             iy = (t(2) * loc[b, q, h, p, 1] - t(1) + t(1)) * (t(H) / t(2)) - t(0.5)
             if -1 <= ix < W and -1 <= iy < H:
-                x0, y0 = math.floor(ix), math.floor(iy)
+                x0, y0 = int(math.floor(ix)), int(math.floor(iy))  # math.floor gives a float on CUDA
                 fx, fy = ix - t(x0), iy - t(y0)
                 sample = t(0)
                 for corner in range(4):  # nw, ne, sw, se
@@ -211,7 +211,7 @@ def _backward_kernel(value, levels, loc, attn, grad_out, grad_value, grad_loc, g
     iy = (t(2) * loc[b, q, h, p, 1] - t(1) + t(1)) * (t(H) / t(2)) - t(0.5)
     ga, gx, gy = t(0), t(0), t(0)
     if -1 <= ix < W and -1 <= iy < H:
-        x0, y0 = math.floor(ix), math.floor(iy)
+        x0, y0 = int(math.floor(ix)), int(math.floor(iy))
         fx, fy = ix - t(x0), iy - t(y0)
         a = attn[b, q, h, p]
         for corner in range(4):  # nw, ne, sw, se
