@@ -323,7 +323,8 @@ def flatten_stages(stages: dict) -> dict[str, torch.Tensor]:
 def save_stages(path: str | Path, stages: dict, model_id: str, revision: str | None, inputs: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    flat = {k: v.detach().cpu().contiguous() for k, v in flatten_stages(stages).items()}
+    # clone: a stage may be the very tensor of another (pred_boxes is the last decoder box); safetensors refuses that
+    flat = {k: v.detach().cpu().clone().contiguous() for k, v in flatten_stages(stages).items()}
     meta = {"model_id": str(model_id), "revision": str(revision), "input_sha256": sha256_of(inputs),
             "dtype": str(inputs.dtype), "device": str(inputs.device), "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(),

@@ -136,7 +136,9 @@ def preprocess(images: list[Image.Image]) -> torch.Tensor:
         img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)  # PIL's bilinear anti-aliases when shrinking
         a = np.asarray(img).astype(np.float64) * (1 / 255)  # float64 then float32, as the processor: exact bits
         arrays.append(a.astype(np.float32).transpose(2, 0, 1))  # (3, 640, 640)
-    return torch.from_numpy(np.stack(arrays))  # (B, 3, 640, 640)
+    # contiguous NCHW: np.stack keeps the transposed (channels-last) strides, and conv picks another algorithm
+    # for those, which rounds differently (0.01 on logits through the top-k)
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))  # (B, 3, 640, 640)
 
 
 # -----------------------------------------------------------------------------
@@ -683,9 +685,11 @@ class DFine(nn.Module):
                 "target": target, "init_reference_points": ref_unact}
 
     def forward(self, pixel_values: torch.Tensor, return_stages: bool = False) -> DFineOutput:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2] % 32 or pixel_values.shape[-1] % 32:
+        B, C, H, W = pixel_values.shape if pixel_values.ndim == 4 else (0, 0, 1, 1)
+        if C != 3 or H % 32 or W % 32:
             raise InputError(f"pixel_values must be (B, 3, H, W) with H, W multiples of 32, got "
                              f"{tuple(pixel_values.shape)}; use dfine.preprocess")
+        pixel_values = pixel_values.contiguous()  # a channels-last input would change conv rounding (see preprocess)
         maps = self.backbone(pixel_values)  # L x (B, C_l, H_l, W_l), strides 8/16/32
         feats = self.encode(maps)  # L x (B, C, H_l, W_l)
         q = self.select_queries(feats)  # top-Q proposals from the encoder tokens

@@ -1,0 +1,389 @@
+"""D-FINE against transformers 5.23 on reference checkpoints of every real config, plus loading, input and CLI checks.
+
+Tolerance: 1e-4 max abs diff on logits and boxes, the project's parity bar. In practice the match is exact (0.0),
+because every op before the top-k mirrors transformers' own op order; the bar leaves room for BLAS differences on
+other machines without hiding a formula error (a wrong formula shows up as 1e-3 or more, spec P3).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import dfine
+from conftest import DATA, PHOTOS
+from dfine_reference import SIZES, checkpoint, hf_model
+
+ATOL = 1e-4
+ROOT = Path(__file__).parent.parent
+
+
+def photos() -> list[Image.Image]:
+    return [common.load_image(DATA / p) for p in PHOTOS]
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    """Batch 1 and 2 at 640x640 (the real photos) and at a non-square 480x640 (exercises the 2-D position layout)."""
+    px = dfine.preprocess(photos()[:2])  # (2, 3, 640, 640)
+    g = torch.Generator().manual_seed(1)
+    wide = torch.rand(2, 3, 480, 640, generator=g)
+    return {"640-b1": px[:1], "640-b2": px, "480x640-b1": wide[:1], "480x640-b2": wide}
+
+
+def hf_forward(hf, pixel_values):
+    """transformers' outputs plus each decoder layer's box, caught where its decoder computes it."""
+    import transformers.models.d_fine.modeling_d_fine as m
+
+    boxes, original = [], m.distance2bbox
+
+    def spy(*args, **kwargs):
+        boxes.append(original(*args, **kwargs))
+        return boxes[-1]
+
+    m.distance2bbox = spy
+    try:
+        with torch.no_grad():
+            out = hf(pixel_values=pixel_values, output_hidden_states=True)
+            backbone = [f for f, _ in hf.model.backbone(pixel_values, torch.ones_like(pixel_values[:, 0]).long())]
+    finally:
+        m.distance2bbox = original
+    return out, backbone, boxes
+
+
+def assert_close(name, ours, theirs, atol=ATOL):
+    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
+    diff = (ours.double() - theirs.double()).abs().max().item()
+    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol}"
+    return diff
+
+
+@pytest.fixture(scope="module", params=SIZES)
+def pair(request):
+    folder = checkpoint(request.param)
+    return request.param, dfine.DFine.from_pretrained(folder), hf_model(folder)
+
+
+def test_parity_stage_by_stage(pair):
+    """Every stage that lines up with transformers, for batch 1 and 2, square and non-square, then logits/boxes."""
+    size, ours, hf = pair
+    worst = {}
+    for case, px in inputs().items():
+        theirs, hf_backbone, hf_boxes = hf_forward(hf, px)
+        with torch.no_grad():
+            out = ours(px, return_stages=True)
+        s = out.stages
+        for i, (a, b) in enumerate(zip(s["backbone"], hf_backbone)):
+            assert_close(f"{size} {case} backbone.{i}", a, b)
+        for i, (a, b) in enumerate(zip(s["encoder"], theirs.encoder_last_hidden_state)):
+            assert_close(f"{size} {case} encoder.{i}", a, b)
+        assert_close(f"{size} {case} enc_outputs_class", s["enc_outputs_class"], theirs.enc_outputs_class)
+        # the selected queries: transformers does not return the indices, but they follow from its scores
+        hf_topk = theirs.enc_outputs_class.max(-1).values.topk(ours.cfg.num_queries, dim=1).indices
+        assert torch.equal(s["topk_indices"], hf_topk), f"{size} {case}: top-k queries differ"
+        assert_close(f"{size} {case} init_reference_points", s["init_reference_points"], theirs.init_reference_points)
+        assert len(hf_boxes) == len(s["decoder_boxes"]) == ours.cfg.decoder_layers
+        for i, (a, b) in enumerate(zip(s["decoder_boxes"], hf_boxes)):
+            assert_close(f"{size} {case} decoder_boxes.{i}", a, b)
+        for i, a in enumerate(s["decoder_hidden"]):
+            assert_close(f"{size} {case} decoder_hidden.{i}", a, theirs.intermediate_hidden_states[i])
+        assert_close(f"{size} {case} decoder_initial_box", s["decoder_initial_box"],
+                     theirs.initial_reference_points[:, -1])
+        worst[case] = (assert_close(f"{size} {case} logits", out.logits, theirs.logits),
+                       assert_close(f"{size} {case} pred_boxes", out.pred_boxes, theirs.pred_boxes))
+    print(f"\n{size}: max abs diff (logits, boxes) per input: {worst}")
+
+
+@pytest.mark.parametrize("size", ["n", "x"])  # post-processing does not depend on the size: smallest and largest
+def test_detect_matches_transformers_postprocessing(size):
+    """detect() on the three photos (different sizes, one call) = transformers' processor + model + post-process."""
+    from transformers import RTDetrImageProcessorPil
+
+    ours, hf = dfine.DFine.from_pretrained(checkpoint(size)), hf_model(checkpoint(size))
+    images = photos()
+    proc = RTDetrImageProcessorPil()
+    px = proc(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = hf(pixel_values=px).logits
+    # a threshold at the median score keeps about half of the 300 pairs: neither all nor none
+    threshold = float(torch.sigmoid(logits[0]).flatten().topk(300).values.median())
+    with torch.no_grad():
+        theirs = proc.post_process_object_detection(hf(pixel_values=px), threshold=threshold,
+                                                    target_sizes=[im.size[::-1] for im in images])
+    mine = ours.detect(images, threshold=threshold)
+    for t, m in zip(theirs, mine):
+        assert 0 < len(m["scores"]) < 300
+        assert torch.equal(m["labels"], t["labels"])
+        assert_close("scores", m["scores"], t["scores"])
+        assert_close("boxes (pixels)", m["boxes"], t["boxes"], atol=1e-3)  # pixels: 1e-4 of 640
+        assert m["names"] == [ours.cfg.id2label[int(i)] for i in t["labels"]]
+
+
+def test_preprocess_matches_transformers_pil_processor():
+    from transformers import RTDetrImageProcessorPil
+
+    images = photos()
+    theirs = RTDetrImageProcessorPil()(images=images, return_tensors="pt")["pixel_values"]
+    ours = dfine.preprocess(images)
+    assert torch.equal(ours, theirs)  # exact: same PIL resize, same float64 -> float32 path
+    assert ours.is_contiguous()  # channels-last strides would make conv round differently (found the hard way)
+
+
+def test_memory_layout_does_not_change_outputs():
+    model = dfine.DFine.from_pretrained(checkpoint("n"))
+    px = inputs()["640-b2"]
+    with torch.no_grad():
+        a, b = model(px), model(px.to(memory_format=torch.channels_last))
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+def test_obj365_head_loads_and_matches():
+    """The Objects365 checkpoints differ only in a 366-way head; the class count comes from the config/weights."""
+    folder = checkpoint("s", "obj365")
+    ours, hf = dfine.DFine.from_pretrained(folder), hf_model(folder)
+    px = inputs()["640-b1"]
+    with torch.no_grad():
+        a, b = ours(px), hf(pixel_values=px)
+    assert a.logits.shape == (1, 300, 366)
+    assert_close("obj365 logits", a.logits, b.logits)
+    assert_close("obj365 boxes", a.pred_boxes, b.pred_boxes)
+
+
+def test_deterministic():
+    model = dfine.DFine.from_pretrained(checkpoint("n"))
+    px = inputs()["640-b2"]
+    with torch.no_grad():
+        a, b = model(px), model(px)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+# -----------------------------------------------------------------------------
+# Loading: both key spellings, and every way a checkpoint can be wrong
+
+
+def copy_with(tmp_path: Path, edit) -> Path:
+    """A copy of the nano reference checkpoint whose tensors went through edit(dict) -> dict."""
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoint("n")
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    save_file(edit(load_file(src / "model.safetensors")), dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_loads_transformers_5_key_names_and_top_level_heads(tmp_path):
+    import re
+
+    def to_5x(sd):  # the names transformers 5.x modules carry, as another tool might save them
+        out = {}
+        for k, v in sd.items():
+            k = re.sub(r"model\.encoder\.encoder\.(\d+)\.layers", r"model.encoder.aifi.\1.layers", k)
+            k = k.replace("self_attn.out_proj", "self_attn.o_proj")
+            k = re.sub(r"(aifi\.\d+\.layers\.\d+)\.fc([12])\.", lambda m: f"{m[1]}.mlp.layers.{int(m[2]) - 1}.", k)
+            k = k.replace("model.decoder.class_embed", "class_embed")  # heads at the top level
+            out[k] = v
+        return out
+
+    a = dfine.DFine.from_pretrained(copy_with(tmp_path, to_5x))
+    b = dfine.DFine.from_pretrained(checkpoint("n"))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("missing", "1 missing key(s): decoder.layers.0.fc1.weight"),
+    ("unexpected", "1 unexpected key(s): model.decoder.surprise"),
+    ("shape", "model.decoder.layers.0.fc1.weight: file (3, 3), model (512, 128)"),
+])
+def test_bad_checkpoint_keys_are_named(tmp_path, problem, expected):
+    def edit(sd):
+        if problem == "missing":
+            del sd["model.decoder.layers.0.fc1.weight"]
+        elif problem == "unexpected":
+            sd["model.decoder.surprise"] = torch.zeros(2)
+        else:
+            sd["model.decoder.layers.0.fc1.weight"] = torch.zeros(3, 3)
+        return sd
+
+    with pytest.raises(common.LoadError, match="does not fit the model") as e:
+        dfine.DFine.from_pretrained(copy_with(tmp_path, edit))
+    assert expected in str(e.value)
+
+
+def test_truncated_weights_are_named(tmp_path):
+    dst = copy_with(tmp_path, lambda sd: sd)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(common.LoadError, match="cannot read .*model.safetensors"):
+        dfine.DFine.from_pretrained(dst)
+
+
+def test_other_architecture_and_pickle_only_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "grounding-dino"}))
+    with pytest.raises(common.LoadError, match="'grounding-dino' checkpoint"):
+        dfine.DFine.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((checkpoint("n") / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(common.LoadError, match="only pickled weights; we read safetensors only"):
+        dfine.DFine.from_pretrained(tmp_path)
+
+
+def test_unknown_or_unreachable_model_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the Hub: nothing cached -> advice
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(common.LoadError, match="cannot reach the Hugging Face Hub .* pass a local folder"):
+        dfine.DFine.from_pretrained("ustc-community/no-such-model-xyz")
+    with pytest.raises(common.LoadError, match="not a Hub id"):
+        dfine.DFine.from_pretrained("./no/such/folder")
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one clear line, never a traceback from inside torch
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "notes.txt").write_text("not an image")
+    data = (DATA / PHOTOS[1]).read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 3])
+    Image.new("RGB", (1, 1)).save(d / "tiny.png")
+    return d
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.png", "image not found"),
+    (".", "is a directory"),
+    ("notes.txt", "is not a readable image"),
+    ("truncated.png", "is not a readable image"),
+    ("tiny.png", "image is 1x1 pixels"),
+])
+def test_bad_images(bad_files, name, message):
+    with pytest.raises(common.InputError, match=message):
+        common.load_image(bad_files / name)
+
+
+def test_unreachable_url():
+    with pytest.raises(common.InputError, match="cannot download image"):
+        common.load_image("http://127.0.0.1:9/cat.png")  # port 9 (discard) is closed: refused at once
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_threshold_out_of_range(threshold):
+    model = dfine.DFine.from_pretrained(checkpoint("n"))
+    with pytest.raises(common.InputError, match="between 0 and 1"):
+        model.detect([DATA / PHOTOS[0]], threshold=threshold)
+
+
+def test_image_modes_become_rgb():
+    rgb = np.asarray(common.load_image(DATA / PHOTOS[1]))
+    img = Image.fromarray(rgb)
+    for mode in ("L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1"):
+        src = img.convert(mode) if mode not in ("I;16",) else Image.fromarray(
+            (np.asarray(img.convert("L")).astype(np.uint16) * 257))
+        out = common.load_image(src)
+        assert out.mode == "RGB" and out.size == img.size, mode
+    grey16 = Image.fromarray((np.asarray(img.convert("L")).astype(np.uint16) * 257))  # 16-bit grey, full range
+    assert np.array_equal(np.asarray(common.load_image(grey16))[..., 0], np.asarray(img.convert("L")))
+    assert np.array_equal(np.asarray(common.load_image(img.convert("RGBA"))), rgb)  # alpha dropped, colours kept
+    assert np.array_equal(np.asarray(common.load_image(rgb)), rgb)  # an (H, W, 3) uint8 array
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": a phone photo stored sideways
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert common.load_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+# -----------------------------------------------------------------------------
+# Command line, drawing and stage dumps
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "dfine.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_detects_draws_and_dumps(tmp_path):
+    folder = checkpoint("n")
+    r = run_cli(DATA / PHOTOS[0], "--model", folder, "--threshold", "0.3", "--json", "--save", tmp_path / "out.png",
+                "--dump", tmp_path / "stages.safetensors")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout[: r.stdout.rindex("]") + 1])
+    model = dfine.DFine.from_pretrained(folder)
+    expected = model.detect([DATA / PHOTOS[0]], threshold=0.3)[0]
+    assert [d["label_id"] for d in report[0]["detections"]] == expected["labels"].tolist()
+    assert Image.open(tmp_path / "out.png").size == Image.open(DATA / PHOTOS[0]).size
+    # the dump holds every stage with its metadata, and equals a dump of the same forward
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "stages.safetensors"), "pt") as f:
+        meta = f.metadata()
+        assert {"backbone.0", "encoder.0", "topk_indices", "decoder_boxes.0", "logits"} <= set(f.keys())
+        assert meta["model_id"] == str(folder) and len(meta["input_sha256"]) == 64 and meta["dtype"] == "torch.float32"
+        logits = f.get_tensor("logits")
+    with torch.no_grad():
+        assert torch.equal(logits, model(dfine.preprocess([common.load_image(DATA / PHOTOS[0])])).logits)
+    # `python common.py compare`: same file passes; a changed tensor fails past --atol and is named
+    same = subprocess.run([sys.executable, "common.py", "compare", tmp_path / "stages.safetensors",
+                           tmp_path / "stages.safetensors"], cwd=ROOT, capture_output=True, text=True)
+    assert same.returncode == 0 and "0 over atol" in same.stdout
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(tmp_path / "stages.safetensors")
+    t["logits"] = t["logits"] + 1e-3
+    save_file(t, tmp_path / "changed.safetensors", metadata=meta)
+    diff = subprocess.run([sys.executable, "common.py", "compare", tmp_path / "stages.safetensors",
+                           tmp_path / "changed.safetensors", "--atol", "1e-4"], cwd=ROOT, capture_output=True, text=True)
+    assert diff.returncode == 1 and "logits" in diff.stdout and "FAIL" in diff.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.jpg"], "error: image not found"),
+    ([DATA / PHOTOS[0], "--threshold", "2"], "error: --threshold must be between 0 and 1"),
+    ([DATA / PHOTOS[0], "--model", "/no/such/dir"], "error: no folder /no/such/dir"),
+])
+def test_cli_errors_are_one_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stderr.strip().startswith(message) and "Traceback" not in r.stderr, r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Real weights, where the Hub is reachable (run with --hub)
+
+PUBLISHED = {  # logits[0, :3, :3] and pred_boxes[0, :3, :3] on the cats image (conversion script; hub_notes.md)
+    "ustc-community/dfine-small-coco": (
+        [[-3.8097816, -4.7724586, -5.994499], [-5.2974715, -9.499067, -6.1653666], [-5.3502765, -3.9530406, -6.3630295]],
+        [[0.7677696, 0.41479152, 0.46441072], [0.16912134, 0.19869131, 0.2123824], [0.2581653, 0.54818195, 0.47512347]]),
+    "ustc-community/dfine-large-coco": (
+        [[-4.068779, -5.169955, -4.339212], [-3.9461594, -5.0279613, -4.0161457], [-4.218292, -6.196324, -5.175245]],
+        [[0.2564867, 0.5489948, 0.4748876], [0.7693534, 0.4138953, 0.4598034], [0.16875696, 0.19875404, 0.21196914]]),
+    "ustc-community/dfine-xlarge-coco": (
+        [[-4.844723, -4.7293096, -4.5971327], [-4.554266, -4.61723, -4.627926], [-4.3934402, -4.6064143, -4.139952]],
+        [[0.2565248, 0.5477609, 0.47644863], [0.7690029, 0.41423926, 0.46148556], [0.1688096, 0.19923759, 0.21118002]]),
+}
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("model_id", sorted(PUBLISHED))
+def test_real_weights_match_published_values(model_id):
+    model = dfine.DFine.from_pretrained(model_id)
+    with torch.no_grad():
+        out = model(dfine.preprocess([common.load_image(DATA / PHOTOS[0])]))
+    logits, boxes = PUBLISHED[model_id]
+    # the conversion script's own tolerances: 1e-3 on logits, 1e-4 on boxes
+    torch.testing.assert_close(out.logits[0, :3, :3], torch.tensor(logits), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out.pred_boxes[0, :3, :3], torch.tensor(boxes), atol=1e-4, rtol=0)
