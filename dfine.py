@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 

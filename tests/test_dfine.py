@@ -368,7 +368,8 @@ def test_cli_detects_draws_and_dumps(tmp_path):
     t["logits"] = t["logits"] + 1e-3
     save_file(t, tmp_path / "changed.safetensors", metadata=meta)
     diff = subprocess.run([sys.executable, "common.py", "compare", tmp_path / "stages.safetensors",
-                           tmp_path / "changed.safetensors", "--atol", "1e-4"], cwd=ROOT, capture_output=True, text=True)
+                           tmp_path / "changed.safetensors", "--atol", "1e-4"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert diff.returncode == 1 and "logits" in diff.stdout and "FAIL" in diff.stdout
 
 
@@ -387,8 +388,10 @@ def test_cli_errors_are_one_line(args, message):
 
 PUBLISHED = {  # logits[0, :3, :3] and pred_boxes[0, :3, :3] on the cats image (conversion script; hub_notes.md)
     "ustc-community/dfine-small-coco": (
-        [[-3.8097816, -4.7724586, -5.994499], [-5.2974715, -9.499067, -6.1653666], [-5.3502765, -3.9530406, -6.3630295]],
-        [[0.7677696, 0.41479152, 0.46441072], [0.16912134, 0.19869131, 0.2123824], [0.2581653, 0.54818195, 0.47512347]]),
+        [[-3.8097816, -4.7724586, -5.994499], [-5.2974715, -9.499067, -6.1653666],
+         [-5.3502765, -3.9530406, -6.3630295]],
+        [[0.7677696, 0.41479152, 0.46441072], [0.16912134, 0.19869131, 0.2123824],
+         [0.2581653, 0.54818195, 0.47512347]]),
     "ustc-community/dfine-large-coco": (
         [[-4.068779, -5.169955, -4.339212], [-3.9461594, -5.0279613, -4.0161457], [-4.218292, -6.196324, -5.175245]],
         [[0.2564867, 0.5489948, 0.4748876], [0.7693534, 0.4138953, 0.4598034], [0.16875696, 0.19875404, 0.21196914]]),
