@@ -30,23 +30,23 @@ level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from common import (InputError, LoadError, center_to_corners, check_threshold, draw_detections, load_image,
-                    load_weights, ms_deform_attn, read_config, resolve_checkpoint, run_cli, save_stages,
-                    weight_files)
+import common
+from common import InputError, LoadError, center_to_corners, check_threshold, load_image, ms_deform_attn
 
 MODEL_TYPES = ("grounding-dino", "mm-grounding-dino")
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
@@ -99,11 +99,14 @@ class GroundingDinoConfig:
     max_text_len: int = 256  # the class head's width: longer prompts are refused (detect splits them)
     layer_norm_eps: float = 1e-5
     positional_embedding_temperature: float = 20  # image sine embedding; text and query sines use 10000
-    decoder_bbox_embed_share: bool = True  # one box MLP for all decoder layers (Grounding DINO); MM: per layer
-    decoder_cls_embed_share: bool = True  # MM only: one class-head bias for all decoder layers
+    # one box MLP (MM: also one class bias) for all decoder layers? None = config.json does not say: Grounding DINO
+    # shares (its config default), MM checkpoints converted before the flags existed have per-layer heads, which
+    # load_checkpoint confirms from the file's keys
+    decoder_bbox_embed_share: bool | None = None
+    decoder_cls_embed_share: bool | None = None
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "GroundingDinoConfig":
+    def from_dict(cls, cfg: dict) -> GroundingDinoConfig:
         bb, tx = dict(cfg.get("backbone_config") or {}), dict(cfg.get("text_config") or {})
         if bb.get("model_type", "swin") != "swin" or tx.get("model_type", "bert") != "bert":
             raise LoadError(f"only a Swin backbone and a BERT text encoder are supported, got "
@@ -116,17 +119,27 @@ class GroundingDinoConfig:
             raise LoadError("two_stage_bbox_embed_share=true is not supported (no released checkpoint uses it)")
         if not bb.get("out_features") and bb.get("out_indices"):  # older configs name stages by index only
             bb["out_features"] = [["stem", "stage1", "stage2", "stage3", "stage4"][i] for i in bb["out_indices"]]
-        pick = lambda klass, d: klass(**{k: d[k] for k in klass.__dataclass_fields__ if k in d})  # noqa: E731
+        def pick(klass, d):
+            return klass(**{k: d[k] for k in klass.__dataclass_fields__ if k in d})
+
         top = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and k not in ("backbone", "text")}
         return cls(backbone=pick(SwinConfig, bb), text=pick(BertConfig, tx), **top)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "GroundingDinoConfig":
+    def from_json(cls, path: str | Path) -> GroundingDinoConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @property
     def is_mm(self) -> bool:
         return self.model_type == "mm-grounding-dino"
+
+    @property
+    def share_box(self) -> bool:
+        return self.decoder_bbox_embed_share if self.decoder_bbox_embed_share is not None else not self.is_mm
+
+    @property
+    def share_cls(self) -> bool:  # Grounding DINO's class heads have no parameters: nothing to share
+        return not self.is_mm or (self.decoder_cls_embed_share if self.decoder_cls_embed_share is not None else False)
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +157,7 @@ def resized_size(h: int, w: int, shortest: int = 800, longest: int = 1333) -> tu
     size, raw = shortest, None
     if max(h, w) / min(h, w) * size > longest:
         raw = longest * min(h, w) / max(h, w)
-        size = int(round(raw))
+        size = round(raw)  # Python's round: ties to even, as transformers
     if (h <= w and h == size) or (w <= h and w == size):
         return h, w
     if w < h:
@@ -658,7 +671,7 @@ def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor
 class MLP(nn.Module):
     def __init__(self, dims: list[int]):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in itertools.pairwise(dims)])
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):
@@ -783,8 +796,8 @@ class GroundingDino(nn.Module):
         self.encoder_output_class_embed = ContrastiveHead(cfg.max_text_len, cfg.is_mm)
         self.query_position_embeddings = nn.Embedding(cfg.num_queries, d)
         self.decoder = Decoder(cfg)
-        n_box = 1 if cfg.decoder_bbox_embed_share else cfg.decoder_layers
-        n_cls = 1 if (cfg.decoder_cls_embed_share or not cfg.is_mm) else cfg.decoder_layers
+        n_box = 1 if cfg.share_box else cfg.decoder_layers
+        n_cls = 1 if cfg.share_cls else cfg.decoder_layers
         self.bbox_embed = nn.ModuleList([MLP([d, d, d, 4]) for _ in range(n_box)])  # one module when shared
         self.class_embed = nn.ModuleList([ContrastiveHead(cfg.max_text_len, cfg.is_mm) for _ in range(n_cls)])
         self.tokenizer = None  # set by from_pretrained
@@ -792,7 +805,7 @@ class GroundingDino(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
-                        backend: str = "torch") -> "GroundingDino":
+                        backend: str = "torch") -> GroundingDino:
         """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11."""
         return load_checkpoint(name_or_path, revision, backend)
 
@@ -1006,8 +1019,7 @@ def key_map_for(cfg: GroundingDinoConfig):
     Every copy of layer i maps to our head i, or to our single head 0 when the config shares it; load_weights
     then checks that copies landing on one parameter are equal.
     """
-    share_box = cfg.decoder_bbox_embed_share
-    share_cls = cfg.decoder_cls_embed_share or not cfg.is_mm
+    share_box, share_cls = cfg.share_box, cfg.share_cls
 
     def key_map(key: str) -> str | None:
         if key.startswith("model.backbone.conv_encoder.model."):
@@ -1040,11 +1052,41 @@ def read_preprocessor(folder: Path) -> dict:
     return p
 
 
+def stored_shapes(files: Sequence[Path]) -> dict[str, tuple]:
+    """Key -> shape from the safetensors headers, without reading the tensors."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
+    return shapes
+
+
 def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "torch") -> GroundingDino:
-    folder = resolve_checkpoint(name_or_path, revision)
-    cfg = GroundingDinoConfig.from_dict(read_config(folder, MODEL_TYPES))
+    folder = common.resolve_checkpoint(name_or_path, revision)
+    cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
+    files = common.weight_files(folder)
+    bias_shape = ()
+    if cfg.is_mm:  # MM files vary in two ways the config cannot tell; the headers can
+        from safetensors import SafetensorError
+
+        try:
+            shapes = stored_shapes(files)
+        except (OSError, SafetensorError):  # unreadable: load_weights below says so by name
+            shapes = {}
+        layers = {m.group(1) for k in shapes if (m := re.match(r"^(?:model\.decoder\.)?(\w+_embed)\.[1-9]", k))}
+        if cfg.decoder_bbox_embed_share is None:  # heads of layers 1.. stored: per-layer heads
+            cfg.decoder_bbox_embed_share = "bbox_embed" not in layers
+        if cfg.decoder_cls_embed_share is None:
+            cfg.decoder_cls_embed_share = "class_embed" not in layers
+        bias_shape = next((s for k, s in shapes.items() if k.endswith("class_embed.bias") or
+                           re.search(r"class_embed\.\d+\.bias$", k)), ())
     model = GroundingDino(cfg, backend=backend)
-    load_weights(model, weight_files(folder), key_map_for(cfg))
+    if bias_shape == (1,):  # some converters store the scalar class bias as (1,): broadcasting makes it the same
+        for head in [model.encoder_output_class_embed, *model.class_embed]:
+            head.bias = nn.Parameter(torch.zeros(1))
+    common.load_weights(model, files, key_map_for(cfg))
     model.tokenizer = load_tokenizer(folder)
     model.preprocessor = read_preprocessor(folder)
     model.name, model.revision = str(name_or_path), revision
@@ -1089,7 +1131,9 @@ def prompts_per_image(prompts, n: int) -> list:
     '.' is one label list; any other list of strings (or of label lists) has one entry per image."""
     if isinstance(prompts, str):
         return [prompts] * n
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts) \
+    if isinstance(prompts, (list, tuple)) and not prompts:
+        raise InputError("the prompt list is empty; give labels like ['a cat', 'a remote control']")
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts) \
             and not any("." in p for p in prompts):
         return [list(prompts)] * n
     if isinstance(prompts, (list, tuple)) and len(prompts) == n:
@@ -1101,45 +1145,35 @@ def prompts_per_image(prompts, n: int) -> list:
 def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
            text_threshold: float = 0.25) -> dict | list[dict]:
     """Images (path, URL, PIL, array; or a list) and prompts -> per image {"scores", "boxes" (xyxy, original
-    pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing would return.
+    pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing return for that image.
 
-    Images of different sizes are padded into one batch. A prompt longer than max_text_len tokens is split into
-    chunks of whole labels; the backbone runs once per image and the text-dependent rest once per chunk (the
-    feature enhancer mixes the text into the image tokens, so nothing after the backbone can be shared).
+    Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
+    padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
+    image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
+    tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
+    chunk (the feature enhancer mixes the text into the image tokens, so nothing after the backbone is shared).
     """
-    threshold, text_threshold = check_threshold("threshold", threshold), check_threshold("text_threshold",
-                                                                                         text_threshold)
+    threshold = check_threshold("threshold", threshold)
+    text_threshold = check_threshold("text_threshold", text_threshold)
     single = not isinstance(images, (list, tuple))
     images = [images] if single else list(images)
     if not images:
         raise InputError("no images given")
-    per_image = prompts_per_image(prompts, len(images))
-    texts = [normalize_prompt(p) for p in per_image]
-    chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len) for p in per_image]
-    pp = self.preprocessor
-    if all(len(c) == 1 for c in chunks):  # the common case: one batched pass
-        pixel_values, pixel_mask, sizes = preprocess_images(images, pp["shortest"], pp["longest"], pp["mean"],
-                                                            pp["std"])
-        tok = tokenize(self.tokenizer, texts)
-        out = self(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask)
-        results = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
-                               text_threshold, sizes)
-    else:  # many labels: per image, the backbone once and the rest per chunk, detections concatenated
-        results = []
-        for img, image_chunks in zip(images, chunks):
-            pixel_values, pixel_mask, sizes = preprocess_images([img], pp["shortest"], pp["longest"], pp["mean"],
-                                                                pp["std"])
-            maps = self.backbone(pixel_values)
-            parts = []
-            for text in image_chunks:
-                tok = tokenize(self.tokenizer, [text])
-                out = self.forward_text(maps, pixel_values, tok["input_ids"], tok["attention_mask"],
-                                        tok["token_type_ids"], pixel_mask)
-                parts += post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
-                                      text_threshold, sizes)
-            results.append({"scores": torch.cat([p["scores"] for p in parts]),
-                            "boxes": torch.cat([p["boxes"] for p in parts]),
-                            "labels": [lab for p in parts for lab in p["labels"]]})
+    chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len) for p in prompts_per_image(prompts, len(images))]
+    pp, results = self.preprocessor, []
+    for img, image_chunks in zip(images, chunks):
+        pixel_values, pixel_mask, sizes = preprocess_images([img], pp["shortest"], pp["longest"], pp["mean"], pp["std"])
+        maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
+        parts = []
+        for text in image_chunks:
+            tok = tokenize(self.tokenizer, [text])
+            out = self.forward_text(maps, pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
+                                    pixel_mask)
+            parts += post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
+                                  text_threshold, sizes)
+        results.append({"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
+                        "boxes": torch.cat([p["boxes"] for p in parts]),
+                        "labels": [lab for p in parts for lab in p["labels"]]})
     return results[0] if single else results
 
 
@@ -1176,7 +1210,7 @@ def main() -> int:
             print(f"{d['label']:<24} {d['score']:.3f}  {d['box']}")
         print(f"{len(dets)} detections in {seconds:.1f} s")
     if args.save:
-        draw_detections(image, r["boxes"], r["labels"], r["scores"], args.save)
+        common.draw_detections(image, r["boxes"], r["labels"], r["scores"], args.save)
     if args.dump:
         pp = model.preprocessor
         pixel_values, pixel_mask, _ = preprocess_images([image], pp["shortest"], pp["longest"], pp["mean"], pp["std"])
@@ -1184,10 +1218,10 @@ def main() -> int:
         tok = tokenize(model.tokenizer, chunks[:1])
         out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
                     return_stages=True)
-        save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
+        common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
                     args.model, args.revision, pixel_values)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    common.run_cli(main)
