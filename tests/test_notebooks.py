@@ -29,6 +29,7 @@ def env_dfine() -> dict[str, str]:
 
 ENV = {  # notebook -> the environment it runs in (checkpoints built and cached on first use)
     "dfine.ipynb": env_dfine,
+    "deformable_attention.ipynb": env_dfine,  # its inputs are what D-FINE's decoder hands the op
 }
 
 
