@@ -655,11 +655,11 @@ class Encoder(nn.Module):
 def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
     """(B, S, L, 2): every token's pixel centre, normalised by the valid part of its map, seen from each level."""
     refs = []
-    for l, (h, w) in enumerate(shapes):
+    for lvl, (h, w) in enumerate(shapes):
         ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype),
                                 torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype), indexing="ij")
-        ry = ry.reshape(-1)[None] / (valid_ratios[:, None, l, 1] * h)  # (B, h*w)
-        rx = rx.reshape(-1)[None] / (valid_ratios[:, None, l, 0] * w)
+        ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)  # (B, h*w)
+        rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((rx, ry), -1))  # (B, h*w, 2)
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2); transformers' exact expression
 
@@ -683,7 +683,7 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
     """One anchor box per image token (its cell centre, side 0.05 * 2^level), in logit space; +inf for padding
     and for anchors not strictly inside (0.01, 0.99). Returns those and the memory zeroed at the same places."""
     B, props, start = memory.shape[0], [], 0
-    for l, (h, w) in enumerate(shapes):
+    for lvl, (h, w) in enumerate(shapes):
         m = pad[:, start: start + h * w].view(B, h, w, 1)  # (B, h, w, 1)
         vh, vw = torch.sum(~m[:, :, 0, 0], 1), torch.sum(~m[:, 0, :, 0], 1)
         gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=memory.dtype),
@@ -691,7 +691,7 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
         grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)  # (h, w, 2)
         scale = torch.cat([vw.unsqueeze(-1), vh.unsqueeze(-1)], 1).view(B, 1, 1, 2)
         grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale  # (B, h, w, 2)
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** l)
+        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
         props.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, h*w, 4)
         start += h * w
     p = torch.cat(props, 1)  # (B, S, 4)
@@ -832,10 +832,10 @@ class GroundingDino(nn.Module):
     def prepare_levels(self, maps: list[torch.Tensor], pixel_mask: torch.Tensor) -> Levels:
         """Backbone maps -> L projected maps flattened to (B, S, 256) with masks and position embeddings."""
         srcs, masks = [], []
-        for l, m in enumerate(maps):
-            srcs.append(self.input_proj_vision[l](m))
-        for l in range(len(maps), self.cfg.num_feature_levels):
-            srcs.append(self.input_proj_vision[l](maps[-1] if l == len(maps) else srcs[-1]))
+        for lvl, m in enumerate(maps):
+            srcs.append(self.input_proj_vision[lvl](m))
+        for lvl in range(len(maps), self.cfg.num_feature_levels):
+            srcs.append(self.input_proj_vision[lvl](maps[-1] if lvl == len(maps) else srcs[-1]))
         for s in srcs:  # nearest-neighbour downsampling of the full-resolution mask (F.interpolate's default)
             masks.append(F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0])  # (B, h, w)
         t = self.cfg.positional_embedding_temperature
@@ -843,8 +843,8 @@ class GroundingDino(nn.Module):
         return Levels(
             source=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),  # (B, S, 256)
             mask=torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
-            pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[l].view(1, 1, -1)
-                           for l, p in enumerate(pos)], 1),  # (B, S, 256): level embedding on positions only
+            pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                           for lvl, p in enumerate(pos)], 1),  # (B, S, 256): level embedding on positions only
             shapes=[tuple(s.shape[-2:]) for s in srcs],
             valid_ratios=torch.stack([valid_ratio(m) for m in masks], 1),  # (B, L, 2)
             maps=srcs)

@@ -114,9 +114,9 @@ def run(model, inputs: dict) -> dict:
     hooks = [m.backbone.conv_encoder.model.register_forward_hook(
                  lambda mod, i, o: caught.__setitem__("backbone", list(o.feature_maps))),
              m.text_projection.register_forward_hook(lambda mod, i, o: caught.__setitem__("text_features", o))]
-    for l, proj in enumerate(m.input_proj_vision):
+    for lvl, proj in enumerate(m.input_proj_vision):
         hooks.append(proj.register_forward_hook(
-            lambda mod, i, o, l=l: caught.setdefault("projected", {}).update({l: o})))
+            lambda mod, i, o, lvl=lvl: caught.setdefault("projected", {}).update({lvl: o})))
     try:
         out = model(**inputs)
     finally:
@@ -124,7 +124,7 @@ def run(model, inputs: dict) -> dict:
             h.remove()
     L = len(caught["projected"])
     return {"backbone": caught["backbone"], "text_features": caught["text_features"],
-            "projected_maps": [caught["projected"][l] for l in range(L)],
+            "projected_maps": [caught["projected"][lvl] for lvl in range(L)],
             "encoder_vision": out.encoder_last_hidden_state_vision, "encoder_text": out.encoder_last_hidden_state_text,
             "enc_outputs_class": out.enc_outputs_class, "enc_outputs_coord_logits": out.enc_outputs_coord_logits,
             "topk_indices": torch.topk(out.enc_outputs_class.max(-1)[0], model.config.num_queries, dim=1)[1],

@@ -438,6 +438,78 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# MM Grounding DINO and LLMDet: the same model with a scaled, biased class head and per-layer heads
+
+
+def mm_inputs(proc):
+    return dict(proc(images=Image.open(CATS), text=PROMPT, size=SMALL_SIZE, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("name", ["mm_grounding_dino_tiny_o365v1_goldg", "llmdet_base", "mm_grounding_dino_large_all"])
+def test_mm_parity_at_real_configs(name, proc):
+    """Tiny, base and large (5 levels from Swin-L stage1..4) with the Hub's per-layer heads, at 320 px."""
+    cfg = hub_config(name)
+    assert cfg["decoder_bbox_embed_share"] is False and cfg["decoder_cls_embed_share"] is False
+    folder = R.checkpoint(f"mm-{name}", cfg)
+    ours = gdino.GroundingDino.from_pretrained(folder)
+    assert len(ours.bbox_embed) == len(ours.class_embed) == 6
+    inputs = mm_inputs(proc)
+    mine = our_stages(ours, inputs)
+    del ours
+    assert len(mine["projected_maps"]) == cfg["num_feature_levels"]
+    diffs = assert_stages(mine, R.run(R.load(folder), inputs))
+    assert diffs["logits"] <= ATOL and diffs["pred_boxes"] <= ATOL
+
+
+@pytest.fixture(scope="module")
+def mm_small_folder():
+    return R.checkpoint("mm-small", R.small_config("mm_grounding_dino_tiny_o365v1_goldg"), temper=True)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_mm_share_flags(share, proc, mm_small_folder):
+    cfg = R.small_config("mm_grounding_dino_tiny_o365v1_goldg", decoder_bbox_embed_share=share,
+                         decoder_cls_embed_share=share)
+    folder = mm_small_folder if not share else R.checkpoint("mm-small", cfg, temper=True)
+    ours = gdino.GroundingDino.from_pretrained(folder)
+    assert len(ours.bbox_embed) == len(ours.class_embed) == (1 if share else 2)
+    inputs = mm_inputs(proc)
+    diffs = assert_stages(our_stages(ours, inputs), R.run(R.load(folder), inputs))
+    assert diffs["logits"] <= ATOL and diffs["pred_boxes"] <= ATOL
+
+
+def test_mm_head_layouts_load_alike(proc, mm_small_folder, tmp_path):
+    """Per-layer heads saved as transformers 5.23 does (bbox_embed.i, class_embed.i) or as the 4.x Hub files
+    probably are (layer 0 at the top, layers 1.. under model.decoder.*; scalar biases as (1,); no share flags in
+    config.json): both load into the same model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(mm_small_folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in list(f.keys())}
+    moved = {}
+    for k, v in tensors.items():
+        if k.endswith("class_embed.bias") or ".class_embed." in k or k.startswith("class_embed."):
+            v = v.reshape(1)
+        if (k.startswith("bbox_embed.") or k.startswith("class_embed.")) and not k.split(".")[1] == "0":
+            k = "model.decoder." + k
+        moved[k] = v
+    assert any(k.startswith("model.decoder.bbox_embed.1.") for k in moved)
+    for f in mm_small_folder.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["decoder_bbox_embed_share"], cfg["decoder_cls_embed_share"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file(moved, str(tmp_path / "model.safetensors"))
+    a, b = gdino.GroundingDino.from_pretrained(mm_small_folder), gdino.GroundingDino.from_pretrained(tmp_path)
+    assert len(b.bbox_embed) == len(b.class_embed) == 2 and b.class_embed[1].bias.shape == (1,)
+    inputs = mm_inputs(proc)
+    oa, ob = our_stages(a, inputs), our_stages(b, inputs)
+    assert torch.equal(oa["logits"], ob["logits"]) and torch.equal(oa["pred_boxes"], ob["pred_boxes"])
+
+
+# -----------------------------------------------------------------------------
 # real weights (needs the Hub): the values transformers' own slow test publishes
 
 
@@ -457,3 +529,21 @@ def test_real_tiny_weights_match_published_values():
     torch.testing.assert_close(r["boxes"][0], torch.tensor([344.8143, 23.1796, 637.4004, 373.8295]), atol=1e-2,
                                rtol=0)
     assert r["labels"] == ["a cat", "a cat"]
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("repo,scores,boxes", [
+    ("openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg_v3det", [0.5690, 0.5553, 0.6075, 0.5775],
+     [[0.5393, 0.0502, 0.9989, 0.7763], [0.0090, 0.1125, 0.4950, 0.9895], [0.5207, 0.1589, 0.5794, 0.3889],
+      [0.0625, 0.1519, 0.2750, 0.2446]]),
+    ("iSEE-Laboratory/llmdet_tiny", [0.7262, 0.7552, 0.7656, 0.8207],
+     [[0.0114, 0.1132, 0.4947, 0.9854], [0.5387, 0.0513, 0.9992, 0.7765], [0.5212, 0.1605, 0.5788, 0.3890],
+      [0.0634, 0.1536, 0.2743, 0.2440]])])
+def test_real_mm_weights_match_published_values(repo, scores, boxes):
+    """The conversion script's check: cats image, labels ["cat", "remote"], threshold 0.4, text_threshold 0.3,
+    boxes normalised (atol 1e-3 as published)."""
+    model = gdino.GroundingDino.from_pretrained(repo)
+    r = model.detect(CATS, ["cat", "remote"], threshold=0.4, text_threshold=0.3)
+    h, w = Image.open(CATS).size[::-1]
+    torch.testing.assert_close(r["scores"], torch.tensor(scores), atol=1e-3, rtol=0)
+    torch.testing.assert_close(r["boxes"] / torch.tensor([w, h, w, h]), torch.tensor(boxes), atol=1e-3, rtol=0)
