@@ -17,6 +17,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+import gdino_reference
 from dfine_reference import checkpoint as dfine_checkpoint
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -27,9 +28,17 @@ def env_dfine() -> dict[str, str]:
     return {"DFINE_MODEL": str(dfine_checkpoint("n"))}  # nano: the fastest real D-FINE config
 
 
+def env_gdino() -> dict[str, str]:
+    # the small config test_gdino.py builds (same cache key): 32-wide Swin, 2-layer BERT, 50 queries, 320-pixel resize
+    folder = gdino_reference.checkpoint("gdino-small", gdino_reference.small_config(), temper=True,
+                                        size={"shortest_edge": 320, "longest_edge": 533})
+    return {"GDINO_MODEL": str(folder)}
+
+
 ENV = {  # notebook -> the environment it runs in (checkpoints built and cached on first use)
     "dfine.ipynb": env_dfine,
     "deformable_attention.ipynb": env_dfine,  # its inputs are what D-FINE's decoder hands the op
+    "grounding_dino.ipynb": env_gdino,
 }
 
 
