@@ -121,7 +121,7 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
     is B*nH-way parallelism, plenty for 2 to 8 cores. fastmath "reassoc" lets LLVM vectorise the dot products over
     channels by reordering their sums: 1.8x faster, float32 gradients as close to the readable version's as before."""
     B, S, nH, hD = value.shape
-    Q, P = loc.shape[1], loc.shape[3]
+    Q = loc.shape[1]
     t = value.dtype.type
     for bh in prange(B * nH):
         b, h = bh // nH, bh % nH
@@ -407,8 +407,8 @@ def bench(runs: int) -> None:
     from common import ms_deform_attn_torch
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, numba {numba.__version__} "
-          f"{numba.get_num_threads()} threads; float32; {runs} runs after a warm-up; load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__} on {torch.get_num_threads()} threads, numba {numba.__version__} on "
+          f"{numba.get_num_threads()}; float32; {runs} runs after a warm-up; load average {os.getloadavg()[0]:.1f}")
     print(f"{'shape':24}{'device':7}{'pass':9}{'version':10}{'median ms':>11}{'min-max ms':>19}{'speed-up':>10}")
     for name, shapes, Q, nH, hD, points in BENCH_SHAPES:
         for dev in devices:

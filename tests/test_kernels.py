@@ -30,9 +30,12 @@ def special_locations(shapes, points, Q: int, nH: int, g: torch.Generator) -> to
     """(1, Q, nH, P, 2) locations on the rule's edge cases, per level: 0 and 1, pixel centres (k + 0.5) / W, pixel
     edges k / W, the centre of the pixel just outside (-0.5 / W: pixel coordinate -1 exactly), and beyond the map."""
     columns = []
+    def candidates(size):  # along one axis of a map `size` pixels long
+        return torch.tensor([0.0, 1.0, -0.5 / size, -1.0, 1.5] + [(k + 0.5) / size for k in range(size)]
+                            + [k / size for k in range(size)])
+
     for (h, w), n in zip(shapes, points):
-        xs = torch.tensor([0.0, 1.0, -0.5 / w, -1.0, 1.5] + [(k + 0.5) / w for k in range(w)] + [k / w for k in range(w)])
-        ys = torch.tensor([0.0, 1.0, -0.5 / h, -1.0, 1.5] + [(k + 0.5) / h for k in range(h)] + [k / h for k in range(h)])
+        xs, ys = candidates(w), candidates(h)
         pick_x = torch.randint(len(xs), (Q, nH, n), generator=g)
         pick_y = torch.randint(len(ys), (Q, nH, n), generator=g)
         columns.append(torch.stack([xs[pick_x], ys[pick_y]], -1))  # (Q, nH, P_l, 2)
@@ -226,14 +229,17 @@ def test_cuda_kernel_matches_readable(case, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", [s[0] for s in kernels.BENCH_SHAPES])
 def test_cuda_kernel_at_real_shapes(name):
-    """float32 at the models' shapes: the CUDA kernel against the CPU kernel (same arithmetic) and the readable one."""
+    """float32 at the models' shapes, the CUDA kernel against the CPU kernel (same rule) and the readable version.
+    Not the location gradient: among millions of points some sit within rounding of a pixel centre, where the
+    gradient jumps, and the GPU's fused multiply-adds may put them on the other side."""
     _, shapes, Q, nH, hD, points = next(s for s in kernels.BENCH_SHAPES if s[0] == name)
     args = make_inputs(1, Q, nH, hD, shapes, points, torch.float32, "spread")
-    cpu = kernels.ms_deform_attn(args[0], shapes, points, *args[1:])
-    gpu = kernels.ms_deform_attn(*[args[0].cuda()], shapes, points, *[x.cuda() for x in args[1:]])
-    ref = ms_deform_attn_torch(*[args[0].cuda()], shapes, points, *[x.cuda() for x in args[1:]])
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gpu, ref, atol=1e-5, rtol=1e-5)
+    cpu = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+    gpu = value_and_grads(kernels.ms_deform_attn, args[0].cuda(), shapes, points, *[x.cuda() for x in args[1:]])
+    ref = ms_deform_attn_torch(args[0].cuda(), shapes, points, *[x.cuda() for x in args[1:]])
+    torch.testing.assert_close(gpu[0], ref, atol=1e-5, rtol=1e-5)
+    for i, what in [(0, "output"), (1, "grad value"), (3, "grad attention")]:
+        torch.testing.assert_close(gpu[i].cpu(), cpu[i], atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["cudasim"]:
