@@ -2,8 +2,11 @@
 
 Paper: Liu et al., "Grounding DINO: Marrying DINO with Grounded Pre-Training for Open-Set Object Detection" (2023).
 Mirrors transformers 5.23 `GroundingDinoForObjectDetection` (and `MMGroundingDinoForObjectDetection`, which only
-differs in its class head; see section 9) op for op, so that the outputs match it bit for bit on CPU in fp32;
+differs in its heads; see section 9) op for op, so that the outputs match it bit for bit on CPU in fp32;
 and `GroundingDinoProcessor` with the PIL image processor for preprocessing and post-processing.
+Deliberate differences: a raw forward refuses prompts over 256 tokens (transformers crashes) and `detect` splits
+them into chunks; `detect` runs images one at a time (a padded batch changes a padded image's outputs, see there);
+no detections give no labels (transformers returns one empty label).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
 model_type "mm-grounding-dino") from their config.json, tokenizer.json (or vocab.txt) and model.safetensors.
 Leaves out: training (losses, matcher, denoising, dropout, drop path), the timm/ResNet backbones, the single-stage
@@ -80,6 +83,10 @@ class BertConfig:
     layer_norm_eps: float = 1e-12  # BERT's own; every Grounding DINO LayerNorm uses layer_norm_eps below
 
 
+def known_fields(klass, d: dict):
+    return klass(**{k: d[k] for k in klass.__dataclass_fields__ if k in d})  # the rest: training-only fields
+
+
 @dataclass
 class GroundingDinoConfig:
     model_type: str = "grounding-dino"  # "mm-grounding-dino": class head scaled by 1/sqrt(d) plus a learned bias
@@ -117,13 +124,15 @@ class GroundingDinoConfig:
             raise LoadError("only two-stage Grounding DINO with learned target embeddings is supported")
         if cfg.get("model_type") == "grounding-dino" and cfg.get("two_stage_bbox_embed_share", False):
             raise LoadError("two_stage_bbox_embed_share=true is not supported (no released checkpoint uses it)")
+        fixed = [(bb, "hidden_act", "gelu"), (tx, "hidden_act", "gelu"), (cfg, "activation_function", "relu"),
+                 (cfg, "position_embedding_type", "sine"), (cfg, "query_dim", 4)]
+        for d, k, v in fixed:  # what every released checkpoint uses and the only thing implemented here
+            if d.get(k, v) != v:
+                raise LoadError(f"config {k}={d[k]!r} is not supported (only {v!r})")
         if not bb.get("out_features") and bb.get("out_indices"):  # older configs name stages by index only
             bb["out_features"] = [["stem", "stage1", "stage2", "stage3", "stage4"][i] for i in bb["out_indices"]]
-        def pick(klass, d):
-            return klass(**{k: d[k] for k in klass.__dataclass_fields__ if k in d})
-
         top = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and k not in ("backbone", "text")}
-        return cls(backbone=pick(SwinConfig, bb), text=pick(BertConfig, tx), **top)
+        return cls(backbone=known_fields(SwinConfig, bb), text=known_fields(BertConfig, tx), **top)
 
     @classmethod
     def from_json(cls, path: str | Path) -> GroundingDinoConfig:

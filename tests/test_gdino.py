@@ -119,6 +119,19 @@ def test_config_layouts(name):
     assert m.level_embed.shape == (cfg.num_feature_levels, 256)
 
 
+TESTED = {"grounding-dino-tiny", "grounding-dino-base", "mm_grounding_dino_tiny_o365v1_goldg", "llmdet_base",
+          "mm_grounding_dino_large_all"}  # the configs the parity tests below build
+
+
+def test_every_hub_config_is_one_of_the_tested_layouts():
+    """All 13 Grounding DINO / MM / LLMDet configs reduce to the 5 configurations the parity tests check."""
+    names = [p.stem for p in (DATA / "configs").glob("*.json") if "dfine" not in p.stem]
+    assert len(names) == 13
+    tested = {repr(gdino.GroundingDinoConfig.from_dict(hub_config(n))) for n in TESTED}
+    for n in names:
+        assert repr(gdino.GroundingDinoConfig.from_dict(hub_config(n))) in tested, n
+
+
 def test_minimal_real_config_gets_swin_and_bert_defaults():
     """The real Hub config.json lists only depths/heads/out_features for Swin and nothing for BERT."""
     cfg = gdino.GroundingDinoConfig.from_json(R.TOKENIZER_DIR / "config.json")
@@ -243,6 +256,15 @@ def test_detect_matches_transformers_on_each_image_alone(small, proc):
         assert g["labels"] == want["text_labels"]
 
 
+def test_numba_backend_agrees(small_folder, small, proc):
+    """backend="numba" runs kernels.py's deformable attention: another summation order, so not bit-exact."""
+    inputs = dict(proc(images=Image.open(CATS), text=PROMPT, size=SMALL_SIZE, return_tensors="pt"))
+    a = our_stages(small[0], inputs)
+    b = our_stages(gdino.GroundingDino.from_pretrained(small_folder, backend="numba"), inputs)
+    diffs = assert_stages(b, {k: a[k] for k in ("encoder_vision", "topk_indices", "logits", "pred_boxes")})
+    assert diffs["encoder_vision"] > 0  # the kernel really ran
+
+
 # -----------------------------------------------------------------------------
 # preprocessing and post-processing parity
 
@@ -280,6 +302,17 @@ def test_processor_parity_batches(proc, tok):
     got = gdino.tokenize(tok, texts)
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(got[k], want[k]), k
+
+
+def test_vocab_txt_fallback_tokenizes_alike(tok, tmp_path):
+    """MM/LLMDet repos may ship only vocab.txt: the WordPiece tokenizer built from it gives the same ids and text."""
+    (tmp_path / "vocab.txt").write_bytes((R.TOKENIZER_DIR / "vocab.txt").read_bytes())
+    fallback = gdino.load_tokenizer(tmp_path)
+    for prompt in PROMPTS + ["Ünïcödé façade naïve.", "x" * 300 + ".", "tab\there.\nnew line."]:
+        text = gdino.normalize_prompt(prompt)
+        ids = tok.encode(text).ids
+        assert fallback.encode(text).ids == ids, prompt
+        assert fallback.decode(ids[1:], skip_special_tokens=False) == tok.decode(ids[1:], skip_special_tokens=False)
 
 
 def test_phrase_mask_example():
