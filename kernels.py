@@ -76,16 +76,17 @@ def pixel(x, size, t):
 def cpu_forward(value, levels, loc, attn, out):
     """out[b, q, h*hD + j] = sum over points p of attn[b, q, h, p] * bilinear sample of value[b, :, h, j] at p.
 
-    One thread per (b, q) handles all heads: their channels sit side by side in value and out. Per head, first the
-    neighbours inside the map, each as (token, bilinear weight * attention weight), then one pass adding weight * row
-    into the output: keeping the index arithmetic out of the channel loop made it 25% faster than interleaving."""
+    One thread per (b, q) handles all heads: their channels sit side by side in value and out. Per head, first each
+    point's four neighbours (token, weight), then one loop over channels per point: keeping the index arithmetic
+    out of the channel loop, and four rows in its body, let LLVM vectorise it (1.3x faster than interleaving)."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type  # typed constants keep float32 arithmetic float32 (a Python number would promote to float64)
     for bq in prange(B * Q):
         b, q = bq // Q, bq % Q
-        tokens = np.empty(4 * P, np.int64)  # one head's neighbours: up to 4 per point
-        weights = np.empty(4 * P, value.dtype)
+        tokens = np.empty((P, 4), np.int64)  # one head's points with a neighbour inside: nw, ne, sw, se
+        weights = np.empty((P, 4), value.dtype)
+        point_attn = np.empty(P, value.dtype)
         for h in range(nH):
             n, p = 0, 0
             for lvl in range(levels.shape[0]):
@@ -99,17 +100,22 @@ def cpu_forward(value, levels, loc, attn, out):
                         for corner in range(4):  # nw, ne, sw, se
                             dy, dx = corner // 2, corner % 2
                             xx, yy = x0 + dx, y0 + dy
-                            if 0 <= xx < W and 0 <= yy < H:
-                                tokens[n] = start + yy * W + xx
-                                weights[n] = (fy if dy else t(1) - fy) * (fx if dx else t(1) - fx) * attn[b, q, h, p]
-                                n += 1
+                            # a neighbour outside gets weight 0 and borrows a token inside: no branch per channel
+                            inside = 0 <= xx < W and 0 <= yy < H
+                            tokens[n, corner] = start + min(max(yy, 0), H - 1) * W + min(max(xx, 0), W - 1)
+                            wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
+                            weights[n, corner] = wy * wx if inside else t(0)
+                        point_attn[n] = attn[b, q, h, p]
+                        n += 1
                     p += 1
             acc = out[b, q, h * hD:(h + 1) * hD]  # (hD,) view: this head's output channels
             acc[:] = 0
             for k in range(n):
-                row = value[b, tokens[k], h]  # (hD,)
+                nw, ne, sw, se = value[b, tokens[k, 0], h], value[b, tokens[k, 1], h], \
+                    value[b, tokens[k, 2], h], value[b, tokens[k, 3], h]  # (hD,) each
+                w_nw, w_ne, w_sw, w_se, a = weights[k, 0], weights[k, 1], weights[k, 2], weights[k, 3], point_attn[k]
                 for j in range(hD):
-                    acc[j] += row[j] * weights[k]
+                    acc[j] += (nw[j] * w_nw + ne[j] * w_ne + sw[j] * w_sw + se[j] * w_se) * a  # grid_sample's order
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
