@@ -49,14 +49,13 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #   - a location x on a level W pixels wide maps to pixel coordinate ix = x * W - 0.5, so pixel centres sit at +0.5
 #     (same for y with H). We compute it as grid_sample's CPU code does, ((2x - 1) + 1) * (W / 2) - 0.5, with the last
 #     multiply-add rounded once: torch's vectorised code fuses it (measured: rounding twice puts float32 samples 5e-6
-#     off at the encoder shape, once 4e-7), and we get the single rounding by doing it in float64. So a location on
+#     off at the encoder shape, once 4e-7); we round once by working in float64 (exact for float32). So a location on
 #     a pixel centre also falls on the same side of the floor, where the gradient jumps (both take the right piece);
 #   - bilinear between the neighbours x0 = floor(ix), x0 + 1 and y0 = floor(iy), y0 + 1 with weights
 #     nw (1-fy)(1-fx), ne (1-fy)fx, sw fy(1-fx), se fy fx, where fx = ix - x0 and fy = iy - y0;
 #   - a neighbour outside the map reads as zero and gets no gradient. A location with ix < -1, ix >= W, iy < -1 or
 #     iy >= H has no neighbour inside and is skipped; at ix = -1 exactly the east neighbours are inside with weight 0:
 #     they add nothing to the output but do to the location's gradient, as in grid_sample.
-
 
 
 @njit(cache=True)
@@ -172,9 +171,10 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
 # -----------------------------------------------------------------------------
 # 2. Numba CUDA
 #
-# Same arithmetic as section 1, one thread per unit of work instead of loops. These launch functions take device
-# arrays, so the simulator (NUMBA_ENABLE_CUDASIM=1, no GPU) runs them on cuda.to_device copies of numpy arrays and a
-# real GPU on views of torch tensors (section 3). `stream` is a numba stream; 0 is the default stream.
+# The rule and formulas of section 1, one thread per unit of work instead of loops. NVVM fuses multiply-adds, so
+# float32 results differ from the CPU kernel's in the last bits. These launch functions take device arrays, so the
+# simulator (NUMBA_ENABLE_CUDASIM=1, no GPU) runs them on cuda.to_device copies of numpy arrays and a real GPU on
+# views of torch tensors (section 3). `stream` is a numba stream; 0 is the default stream.
 
 THREADS = 256  # per block; any multiple of 32 works, 256 is the usual middle ground
 
@@ -366,8 +366,7 @@ print(t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
 def _first_call(cache_dir: str) -> list[float]:
-    """Seconds to import kernels, to start numba's CPU target, and for the first float32 forward + backward, in a
-    new process whose numba cache is cache_dir."""
+    """Seconds to import kernels, start numba, and run a first forward + backward, in a new process."""
     env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
     here = os.path.dirname(os.path.abspath(__file__))
     res = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, cwd=here, capture_output=True, text=True)
@@ -396,15 +395,14 @@ def _bench_inputs(shapes, Q: int, nH: int, hD: int, points, encoder: bool, devic
 
 
 def _timings(fn, device: torch.device, runs: int) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA calls return before they finish
     fn()  # warm-up: compiles, allocates, fills caches
     times = []
     for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         times.append((time.perf_counter() - t0) * 1000)
     return times
 
@@ -448,7 +446,4 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="time the readable version and the kernels")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per row, after one warm-up")
     args = parser.parse_args()
-    if args.bench:
-        bench(args.runs)
-    else:
-        parser.print_help()
+    bench(args.runs) if args.bench else parser.print_help()
