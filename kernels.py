@@ -174,7 +174,8 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
 # The rule and formulas of section 1, one thread per unit of work instead of loops. NVVM fuses multiply-adds, so
 # float32 results differ from the CPU kernel's in the last bits. These launch functions take device arrays, so the
 # simulator (NUMBA_ENABLE_CUDASIM=1, no GPU) runs them on cuda.to_device copies of numpy arrays and a real GPU on
-# views of torch tensors (section 3). `stream` is a numba stream; 0 is the default stream.
+# views of torch tensors (section 3). `stream` is a numba stream; 0 is the default stream. `cuda` is numba's built-in
+# target; NVIDIA's numba-cuda package, if installed, takes over that name and runs these unchanged (README).
 
 THREADS = 256  # per block; any multiple of 32 works, 256 is the usual middle ground
 
