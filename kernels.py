@@ -293,6 +293,7 @@ def _torch_stream(x: torch.Tensor):
 class MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, levels):
+        # no copies for the models' tensors, which are contiguous; the kernels are compiled for contiguous arrays
         value, loc, attn = value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()
         B, Q, nH, P = attn.shape
         out = value.new_empty(B, Q, nH * value.shape[3])  # (B, Q, nH*hD), every element written by the kernel
@@ -309,7 +310,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable  # the backward is a kernel, not torch ops: no second derivatives
     def backward(ctx, grad_out):
         value, loc, attn, levels = ctx.saved_tensors
-        grad_out = grad_out.contiguous()  # out.sum() hands in an expanded, zero-stride gradient
+        grad_out = grad_out.contiguous()  # out.sum() hands in stride 0: a copy beats compiling for strided arrays
         grad_value, grad_loc, grad_attn = torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
         arrays = [_array(x) for x in (value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn)]
         if value.is_cuda:
