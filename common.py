@@ -295,7 +295,9 @@ def draw_detections(image: Image.Image, boxes, labels: Sequence[str], scores, pa
     for i, ((x0, y0, x1, y1), label, score) in enumerate(zip(np.asarray(boxes).tolist(), labels, np.asarray(scores))):
         c = colours(i % 10)
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2))
-        ax.text(x0, y0, f"{label} {score:.2f}", color="white", fontsize=9, va="bottom",
+        # the label sits above the box, or inside it where the box touches the top of the image
+        ax.text(max(x0, 0), max(y0, 0), f"{label} {score:.2f}", color="white", fontsize=9,
+                va="bottom" if y0 > 14 else "top",
                 bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -516,7 +516,7 @@ class DeformableAttention(nn.Module):
         scale = self.num_points_scale[:, None]  # (P, 1)
         # offsets in units of the box size, divided by the level's point count, halved; order as upstream (P8)
         loc = ref[:, :, None, :, :2] + off * scale * ref[:, :, None, :, 2:] * self.offset_scale  # (B, Q, nH, P, 2)
-        return common.ms_deform_attn(value, spatial_shapes, self.points, loc, w, backend)  # (B, Q, d)
+        return common.ms_deform_attn(value, spatial_shapes, self.points, loc, w, backend), loc, w  # (B, Q, d)
 
 
 class Gate(nn.Module):
@@ -547,9 +547,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, pos, ref, memory, spatial_shapes, backend="torch"):  # h, pos (B, Q, d); ref (B, Q, 1, 4)
         h = self.self_attn_layer_norm(h + self.self_attn(h, pos))
-        h = self.gateway(h, self.encoder_attn(h + pos, ref, memory, spatial_shapes, backend))
+        x, loc, w = self.encoder_attn(h + pos, ref, memory, spatial_shapes, backend)
+        h = self.gateway(h, x)
         h = h + self.fc2(self.act(self.fc1(h)))
-        return self.final_layer_norm(h.clamp(min=-65504, max=65504))  # the fp16 clamp, kept for parity
+        return self.final_layer_norm(h.clamp(min=-65504, max=65504)), loc, w  # the fp16 clamp, kept for parity
 
 
 class LQE(nn.Module):
@@ -619,10 +620,12 @@ class Decoder(nn.Module):
         project = weighting_function(self.max_num_bins, self.up, self.reg_scale)  # (N+1,)
         ref = torch.sigmoid(ref_unact)  # (B, Q, 4) cxcywh in [0, 1]
         h, prev_h, prev_corners = target, 0, 0
-        out = {"hidden": [], "boxes": [], "corners": []}
+        out = {"hidden": [], "boxes": [], "corners": [], "sampling_locations": [], "attention_weights": []}
         for i, layer in enumerate(self.layers):
             pos = self.query_pos_head(ref).clamp(min=-10, max=10)  # (B, Q, d)
-            h = layer(h, pos, ref[:, :, None], memory, spatial_shapes, backend)  # ref (B, Q, 1, 4)
+            h, loc, w = layer(h, pos, ref[:, :, None], memory, spatial_shapes, backend)  # ref (B, Q, 1, 4)
+            out["sampling_locations"].append(loc)  # (B, Q, nH, P, 2) in [0, 1]: where each head looked
+            out["attention_weights"].append(w)  # (B, Q, nH, P): how much each sample counted
             if i == 0:  # the initial box all FDR distances are measured from, fixed for every later layer
                 out["initial_box"] = ref0 = torch.sigmoid(self.pre_bbox_head(h) + inverse_sigmoid(ref))
             corners = self.bbox_embed[i](h + prev_h) + prev_corners  # (B, Q, 4*(N+1)): residual in logit space
@@ -696,6 +699,8 @@ class DFine(nn.Module):
         if return_stages:
             stages = {"pixel_values": pixel_values, "backbone": maps, "encoder": feats,
                       **{k: v for k, v in q.items() if k != "spatial_shapes"},
+                      "decoder_sampling_locations": dec["sampling_locations"],
+                      "decoder_attention_weights": dec["attention_weights"],
                       "decoder_initial_box": dec["initial_box"], "decoder_hidden": dec["hidden"],
                       "decoder_boxes": dec["boxes"], "decoder_corners": dec["corners"],
                       "logits": dec["logits"], "pred_boxes": dec["pred_boxes"]}

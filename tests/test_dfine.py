@@ -95,6 +95,10 @@ def test_parity_stage_by_stage(pair):
             assert_close(f"{size} {case} decoder_boxes.{i}", a, b)
         for i, a in enumerate(s["decoder_hidden"]):
             assert_close(f"{size} {case} decoder_hidden.{i}", a, theirs.intermediate_hidden_states[i])
+        for loc, w in zip(s["decoder_sampling_locations"], s["decoder_attention_weights"]):
+            B, Q, nH, P = w.shape
+            assert loc.shape == (B, Q, nH, P, 2) and P == sum(ours.cfg.decoder_n_points)
+            assert_close("attention weights sum to 1 per head", w.sum(-1), torch.ones(B, Q, nH), atol=1e-5)
         assert_close(f"{size} {case} decoder_initial_box", s["decoder_initial_box"],
                      theirs.initial_reference_points[:, -1])
         worst[case] = (assert_close(f"{size} {case} logits", out.logits, theirs.logits),
@@ -352,7 +356,8 @@ def test_cli_detects_draws_and_dumps(tmp_path):
 
     with safe_open(str(tmp_path / "stages.safetensors"), "pt") as f:
         meta = f.metadata()
-        assert {"backbone.0", "encoder.0", "topk_indices", "decoder_boxes.0", "logits"} <= set(f.keys())
+        assert {"backbone.0", "encoder.0", "topk_indices", "decoder_sampling_locations.0", "decoder_boxes.0",
+                "logits"} <= set(f.keys())
         assert meta["model_id"] == str(folder) and len(meta["input_sha256"]) == 64 and meta["dtype"] == "torch.float32"
         logits = f.get_tensor("logits")
     with torch.no_grad():
