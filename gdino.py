@@ -270,7 +270,7 @@ def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nxt = torch.flip(torch.cummin(torch.flip(nxt, dims=[1]), dim=1)[0], dims=[1])  # (B, T): first delimiter at/after
     valid = (nxt != 0) & (nxt != T - 1) & (nxt != T)  # phrases closed by [CLS], the final [SEP] or nothing don't count
     mask = (nxt.unsqueeze(2) == nxt.unsqueeze(1)) & valid.unsqueeze(1)  # (B, T, T)
-    mask = torch.eye(T, device=idx.device, dtype=torch.bool).unsqueeze(0).expand(B, -1, -1) | mask
+    mask = torch.eye(T, device=idx.device, dtype=torch.bool).unsqueeze(0).expand(B, -1, -1) | mask  # (B, T, T)
     position_ids = torch.where(valid, idx - prev - 1, torch.zeros_like(idx)).clamp(min=0).long()
     return mask, position_ids
 
@@ -342,8 +342,8 @@ class SwinBlock(nn.Module):
             m = shift_mask(Hp, Wp, ws, s).to(x.device)
             mask = mask + m.unsqueeze(1).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(-1, 1, N, N)  # (B*nW,nH,N,N)
         q = self.query(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
-        k = self.key(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)
-        v = self.value(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)
+        k = self.key(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
+        v = self.value(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
         # transformers' Swin runs SDPA with the float bias(+shift) mask; the same call gives the same rounding
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=(C // self.heads) ** -0.5)
         a = a.transpose(1, 2).contiguous().reshape(win.shape[0], N, -1).contiguous()  # (B*nW, N, C)
@@ -353,7 +353,7 @@ class SwinBlock(nn.Module):
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
         if Hp != h or Wp != w:
             y = y[:, :h, :w, :].contiguous()  # crop the window padding
-        x = shortcut + y.view(B, h * w, C)
+        x = shortcut + y.view(B, h * w, C)  # (B, h*w, C)
         return self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))) + x  # exact-erf GELU
 
 
@@ -435,8 +435,8 @@ class BertLayer(nn.Module):
         B, T, d = x.shape
         hD = d // self.heads
         q = self.query(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
-        k = self.key(x).view(B, T, -1, hD).transpose(1, 2)
-        v = self.value(x).view(B, T, -1, hD).transpose(1, 2)
+        k = self.key(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
+        v = self.value(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
         # boolean mask straight into SDPA, as transformers' default sdpa path (its eager path adds the bool as 0/1
         # and so loses the phrase masking: spec P2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5)  # (B, nH, T, hD)
@@ -473,10 +473,10 @@ def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
     embs = [c[..., None] * (2 * math.pi) / dim_t for c in coords.unbind(-1)]  # each (..., num_feats)
-    embs = [torch.stack((e[..., 0::2].sin(), e[..., 1::2].cos()), dim=-1).flatten(-2) for e in embs]
+    embs = [torch.stack((e[..., 0::2].sin(), e[..., 1::2].cos()), dim=-1).flatten(-2) for e in embs]  # sin,cos,...
     if len(embs) >= 2:
         embs[0], embs[1] = embs[1], embs[0]
-    return torch.cat(embs, dim=-1)
+    return torch.cat(embs, dim=-1)  # (..., n * num_feats)
 
 
 def image_position_embedding(mask: torch.Tensor, d_model: int, temperature: float) -> torch.Tensor:
@@ -489,8 +489,8 @@ def image_position_embedding(mask: torch.Tensor, d_model: int, temperature: floa
     dim_t = torch.arange(n, dtype=torch.float32, device=mask.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / n)
     px, py = x[:, :, :, None] / dim_t, y[:, :, :, None] / dim_t  # (B, h, w, n)
-    px = torch.stack((px[:, :, :, 0::2].sin(), px[:, :, :, 1::2].cos()), dim=4).flatten(3)
-    py = torch.stack((py[:, :, :, 0::2].sin(), py[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    px = torch.stack((px[:, :, :, 0::2].sin(), px[:, :, :, 1::2].cos()), dim=4).flatten(3)  # (B, h, w, n) sin,cos,..
+    py = torch.stack((py[:, :, :, 0::2].sin(), py[:, :, :, 1::2].cos()), dim=4).flatten(3)  # (B, h, w, n)
     return torch.cat((py, px), dim=3).permute(0, 3, 1, 2)  # (B, d_model, h, w)
 
 
@@ -529,12 +529,12 @@ class MultiheadAttention(nn.Module):
         hD = d // self.heads
         q = self.query(q_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, T, hD)
         k = self.key(k_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, Tk, hD)
-        v = self.value(v_in).view(B, -1, self.heads, hD).transpose(1, 2)
+        v = self.value(v_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, Tk, hD)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hD)  # (B, nH, T, Tk)
         if mask is not None:
             scores = scores + mask
         out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()  # (B, T, nH, hD)
-        return self.out_proj(out.view(B, T, d))
+        return self.out_proj(out.view(B, T, d))  # (B, T, d)
 
 
 class BiAttention(nn.Module):
@@ -566,8 +566,8 @@ class BiAttention(nn.Module):
         A = torch.clamp(A - A.max(), min=-50000, max=50000)
         At = A.transpose(1, 2)  # (B*nH, T, S)
         At = torch.clamp(At - torch.max(At, dim=-1, keepdim=True)[0], min=-50000, max=50000)
-        At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))
-        A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))
+        At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH,1,S)
+        A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH, 1, T)
         dv = torch.bmm(A.softmax(-1), vt).view(B, nH, S, self.hD).transpose(1, 2).reshape(B, S, -1)  # (B, S, width)
         dt = torch.bmm(At.softmax(-1), vv).view(B, nH, T, self.hD).transpose(1, 2).reshape(B, T, -1)  # (B, T, width)
         return self.out_vision_proj(dv), self.out_text_proj(dt)
@@ -665,10 +665,11 @@ def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor
     """(B, S, L, 2): every token's pixel centre, normalised by the valid part of its map, seen from each level."""
     refs = []
     for lvl, (h, w) in enumerate(shapes):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype),
-                                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype), indexing="ij")
+        kw = {"dtype": valid_ratios.dtype, "device": valid_ratios.device}
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, **kw), torch.linspace(0.5, w - 0.5, w, **kw),
+                                indexing="ij")
         ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)  # (B, h*w)
-        rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+        rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)  # (B, h*w)
         refs.append(torch.stack((rx, ry), -1))  # (B, h*w, 2)
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2); transformers' exact expression
 
@@ -695,10 +696,10 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
     for lvl, (h, w) in enumerate(shapes):
         m = pad[:, start: start + h * w].view(B, h, w, 1)  # (B, h, w, 1)
         vh, vw = torch.sum(~m[:, :, 0, 0], 1), torch.sum(~m[:, 0, :, 0], 1)
-        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=memory.dtype),
-                                torch.linspace(0, w - 1, w, dtype=memory.dtype), indexing="ij")
+        kw = {"dtype": memory.dtype, "device": memory.device}
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, **kw), torch.linspace(0, w - 1, w, **kw), indexing="ij")
         grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)  # (h, w, 2)
-        scale = torch.cat([vw.unsqueeze(-1), vh.unsqueeze(-1)], 1).view(B, 1, 1, 2)
+        scale = torch.cat([vw.unsqueeze(-1), vh.unsqueeze(-1)], 1).view(B, 1, 1, 2)  # (B, 1, 1, 2) valid (w, h)
         grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale  # (B, h, w, 2)
         wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
         props.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, h*w, 4)
@@ -706,8 +707,8 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
     p = torch.cat(props, 1)  # (B, S, 4)
     ok = ((p > 0.01) & (p < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
     p = torch.log(p / (1 - p))  # plain logit, no eps: outside anchors become +inf below anyway
-    p = p.masked_fill(pad.unsqueeze(-1), float("inf")).masked_fill(~ok, float("inf"))
-    q = memory.masked_fill(pad.unsqueeze(-1), 0.0).masked_fill(~ok, 0.0)
+    p = p.masked_fill(pad.unsqueeze(-1), float("inf")).masked_fill(~ok, float("inf"))  # (B, S, 4)
+    q = memory.masked_fill(pad.unsqueeze(-1), 0.0).masked_fill(~ok, 0.0)  # (B, S, 256)
     return q, p
 
 
@@ -766,7 +767,7 @@ class ContrastiveHead(nn.Module):
         if self.bias is not None:
             r = r / math.sqrt(queries.shape[-1]) + self.bias
         r = r.masked_fill(~text_mask[:, None, :], float("-inf"))  # [CLS], '.', [SEP] stay visible, as upstream
-        out = torch.full((*r.shape[:-1], self.max_text_len), float("-inf"))  # (B, Q, max_text_len)
+        out = torch.full((*r.shape[:-1], self.max_text_len), float("-inf"), device=r.device)  # (B, Q, 256)
         out[..., : r.shape[-1]] = r
         return out
 
@@ -927,7 +928,8 @@ class GroundingDino(nn.Module):
             raise InputError(f"the prompt has {input_ids.shape[1]} tokens; the model reads at most "
                              f"{self.cfg.max_text_len}. Use model.detect(), which splits long label lists into chunks")
         assert input_ids.shape[0] == B, f"{input_ids.shape[0]} prompts for {B} images"
-        pixel_mask = torch.ones(B, H, W, dtype=torch.long) if pixel_mask is None else pixel_mask
+        pixel_mask = torch.ones(B, H, W, dtype=torch.long, device=pixel_values.device) if pixel_mask is None \
+            else pixel_mask
         text = self.encode_text(input_ids, attention_mask, token_type_ids)  # features (B, T, 256)
         lv = self.prepare_levels(maps, pixel_mask)  # (B, S, 256) and layout
         memory, text_feats = self.encode(lv, text)  # (B, S, 256), (B, T, 256)
@@ -969,7 +971,7 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
     if target_sizes is not None:
         h = torch.tensor([float(s[0]) for s in target_sizes])
         w = torch.tensor([float(s[1]) for s in target_sizes])
-        boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]  # (B, Q, 4) pixels
+        boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
     results = []
     for b in range(logits.shape[0]):
         keep = scores[b] > threshold
@@ -1091,7 +1093,12 @@ def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backe
             cfg.decoder_cls_embed_share = "class_embed" not in layers
         bias_shape = next((s for k, s in shapes.items() if k.endswith("class_embed.bias") or
                            re.search(r"class_embed\.\d+\.bias$", k)), ())
-    model = GroundingDino(cfg, backend=backend)
+    with torch.device("meta"):  # no random init of 172M+ parameters that the checkpoint overwrites anyway
+        model = GroundingDino(cfg, backend=backend)
+    model = model.to_empty(device="cpu")
+    for block in model.modules():  # the one buffer that is not in the checkpoint: recompute it
+        if isinstance(block, SwinBlock):
+            block.relative_position_index = relative_position_index(block.ws)
     if bias_shape == (1,):  # some converters store the scalar class bias as (1,): broadcasting makes it the same
         for head in [model.encoder_output_class_embed, *model.class_embed]:
             head.bias = nn.Parameter(torch.zeros(1))
@@ -1172,16 +1179,18 @@ def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
     pp, results = self.preprocessor, []
     for img, image_chunks in zip(images, chunks):
         pixel_values, pixel_mask, sizes = preprocess_images([img], pp["shortest"], pp["longest"], pp["mean"], pp["std"])
+        dev = self.level_embed.device
+        pixel_values, pixel_mask = pixel_values.to(dev), pixel_mask.to(dev)
         maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
         parts = []
         for text in image_chunks:
-            tok = tokenize(self.tokenizer, [text])
+            tok = {k: v.to(dev) for k, v in tokenize(self.tokenizer, [text]).items()}
             out = self.forward_text(maps, pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
                                     pixel_mask)
             parts += post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
                                   text_threshold, sizes)
         results.append({"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
-                        "boxes": torch.cat([p["boxes"] for p in parts]),
+                        "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
                         "labels": [lab for p in parts for lab in p["labels"]]})
     return results[0] if single else results
 
