@@ -960,7 +960,7 @@ def phrase_token_ids(probs: torch.Tensor, input_ids: torch.Tensor, text_threshol
 def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, tokenizer,
                  threshold: float = 0.25, text_threshold: float = 0.25,
                  target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
-    """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings]}.
+    """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings], "label_ids" (n,)}.
 
     score = max over the prompt's tokens of sigmoid(logit) ([CLS] and '.' included); a query is kept when score >
     threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
@@ -977,8 +977,20 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
         keep = scores[b] > threshold
         ids = phrase_token_ids(probs[b][keep], input_ids[b], text_threshold)
         results.append({"scores": scores[b][keep], "boxes": boxes[b][keep],
-                        "labels": [tokenizer.decode(i, skip_special_tokens=False) for i in ids]})
+                        "labels": [tokenizer.decode(i, skip_special_tokens=False) for i in ids],
+                        "label_ids": phrase_ids(probs[b][keep], input_ids[b])})
     return results
+
+
+def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(n, max_text_len) kept queries' token probabilities -> (n,) index of the phrase (label) that holds the best
+    word token: a class id, which transformers does not give. Phrase k is the run before the (k+1)-th '.' or '?'."""
+    ids = input_ids.to(probs.device)
+    stop = torch.isin(ids, torch.tensor(DELIMITERS[2:], device=ids.device)).long()  # (T,) 1 at '.' and '?'
+    phrase = torch.cumsum(stop, 0) - stop  # (T,) the number of stops strictly before each token
+    word = ~torch.isin(ids, torch.tensor(DELIMITERS + (PAD,), device=ids.device))  # (T,) tokens of labels
+    p = probs[:, : ids.shape[0]].masked_fill(~word, -1.0)  # (n, T): only word tokens compete
+    return phrase[p.argmax(-1)]  # (n,)
 
 
 # -----------------------------------------------------------------------------
@@ -1161,7 +1173,8 @@ def prompts_per_image(prompts, n: int) -> list:
 def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
            text_threshold: float = 0.25) -> dict | list[dict]:
     """Images (path, URL, PIL, array; or a list) and prompts -> per image {"scores", "boxes" (xyxy, original
-    pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing return for that image.
+    pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing return for that image,
+    plus "label_ids": for each box the index of its best-scoring label in the prompt (a class id).
 
     Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
     padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
@@ -1182,16 +1195,20 @@ def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
         dev = self.level_embed.device
         pixel_values, pixel_mask = pixel_values.to(dev), pixel_mask.to(dev)
         maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
-        parts = []
+        parts, offset = [], 0
         for text in image_chunks:
             tok = {k: v.to(dev) for k, v in tokenize(self.tokenizer, [text]).items()}
             out = self.forward_text(maps, pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
                                     pixel_mask)
-            parts += post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
-                                  text_threshold, sizes)
+            part = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
+                                text_threshold, sizes)[0]
+            part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
+            offset += len(split_phrases(text))
+            parts.append(part)
         results.append({"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
                         "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
-                        "labels": [lab for p in parts for lab in p["labels"]]})
+                        "labels": [lab for p in parts for lab in p["labels"]],
+                        "label_ids": torch.cat([p["label_ids"] for p in parts])})
     return results[0] if single else results
 
 
@@ -1209,7 +1226,8 @@ def main() -> int:
     ap.add_argument("--text-threshold", type=float, default=0.25, help="tokens above this form the label")
     ap.add_argument("--save", metavar="OUT.png", help="draw the detections over the image")
     ap.add_argument("--json", action="store_true", help="print detections as JSON")
-    ap.add_argument("--dump", metavar="STAGES.safetensors", help="save every stage's tensors")
+    ap.add_argument("--dump", metavar="STAGES.safetensors",
+                    help="save every stage's tensors (of the first chunk, for a prompt over 256 tokens)")
     ap.add_argument("--backend", default="torch", choices=["torch", "numba"], help="deformable attention kernel")
     args = ap.parse_args()
     check_threshold("--threshold", args.threshold)
@@ -1219,8 +1237,8 @@ def main() -> int:
     t0 = time.perf_counter()
     r = model.detect(image, args.prompt, args.threshold, args.text_threshold)
     seconds = time.perf_counter() - t0
-    dets = [{"label": lab, "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
-            for lab, s, b in zip(r["labels"], r["scores"], r["boxes"])]
+    dets = [{"label": lab, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+            for lab, i, s, b in zip(r["labels"], r["label_ids"], r["scores"], r["boxes"])]
     if args.json:
         print(json.dumps({"image": args.image, "prompt": args.prompt, "model": args.model, "detections": dets}))
     else:

@@ -315,6 +315,14 @@ def test_vocab_txt_fallback_tokenizes_alike(tok, tmp_path):
         assert fallback.decode(ids[1:], skip_special_tokens=False) == tok.decode(ids[1:], skip_special_tokens=False)
 
 
+def test_label_ids_point_at_the_prompt_labels(tok):
+    """label_ids: the phrase holding the best word token ('.', [CLS], [SEP] do not compete)."""
+    ids = gdino.tokenize(tok, ["a cat. a remote control."])["input_ids"][0]
+    probs = torch.zeros(3, 256)
+    probs[0, 2], probs[1, 6], probs[2, 3], probs[2, 5] = 0.9, 0.9, 0.99, 0.5
+    assert gdino.phrase_ids(probs, ids).tolist() == [0, 1, 1]
+
+
 def test_phrase_mask_example():
     mask, pos = gdino.phrase_masks(torch.tensor([[101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102]]))
     assert pos.tolist() == [[0, 0, 1, 2, 0, 1, 2, 3, 0]]
@@ -371,6 +379,12 @@ def test_chunking_300_labels(small, proc, tok):
                                                         target_sizes=[img.size[::-1]])[0]
         want_scores.append(w["scores"]), want_boxes.append(w["boxes"]), want_labels.extend(w["text_labels"])
     assert len(want_labels) > 0
+    start, at = 0, 0  # label ids index the whole list: chunk k's boxes point at chunk k's labels
+    for c, s in zip(chunks, want_scores):
+        n = c.count(".")
+        ids = got["label_ids"][at: at + len(s)]
+        assert ((ids >= start) & (ids < start + n)).all()
+        start, at = start + n, at + len(s)
     torch.testing.assert_close(got["scores"], torch.cat(want_scores), atol=ATOL, rtol=0)
     torch.testing.assert_close(got["boxes"], torch.cat(want_boxes), atol=1e-3, rtol=0)  # pixels, see above
     assert got["labels"] == want_labels
@@ -457,7 +471,7 @@ def test_command_line(small_folder, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(gdino.__file__).parent, timeout=300)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["detections"] and all(len(d["box"]) == 4 for d in result["detections"])
+    assert result["detections"] and all(len(d["box"]) == 4 and d["label_id"] in (0, 1) for d in result["detections"])
     assert Image.open(out_png).size == Image.open(CATS).size
     from safetensors import safe_open
     with safe_open(str(dump), "pt") as f:
