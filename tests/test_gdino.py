@@ -252,7 +252,7 @@ def test_detect_matches_transformers_on_each_image_alone(small, proc):
                                                            text_threshold=0.63, target_sizes=[img.size[::-1]])[0]
         assert len(want["scores"]) > 0
         torch.testing.assert_close(g["scores"], want["scores"], atol=ATOL, rtol=0)
-        torch.testing.assert_close(g["boxes"], want["boxes"], atol=1e-3, rtol=0)  # pixels: 1e-4 relative x ~600 px
+        torch.testing.assert_close(g["boxes"], want["boxes"], atol=ATOL, rtol=0)
         assert g["labels"] == want["text_labels"]
 
 
@@ -386,7 +386,7 @@ def test_chunking_300_labels(small, proc, tok):
         assert ((ids >= start) & (ids < start + n)).all()
         start, at = start + n, at + len(s)
     torch.testing.assert_close(got["scores"], torch.cat(want_scores), atol=ATOL, rtol=0)
-    torch.testing.assert_close(got["boxes"], torch.cat(want_boxes), atol=1e-3, rtol=0)  # pixels, see above
+    torch.testing.assert_close(got["boxes"], torch.cat(want_boxes), atol=ATOL, rtol=0)
     assert got["labels"] == want_labels
 
 
@@ -572,6 +572,7 @@ def test_real_tiny_weights_match_published_values():
     torch.testing.assert_close(out.pred_boxes[0, :3, :3], torch.tensor(
         [[0.7674, 0.4136, 0.4572], [0.2566, 0.5463, 0.4760], [0.2585, 0.5442, 0.4641]]), atol=1e-4, rtol=0)
     r = model.detect(CATS, "a cat.", threshold=0.35)
+    # the published run was on another machine (its own rounding): 1e-3 on [0, 1] scores, 1e-2 px on boxes
     torch.testing.assert_close(r["scores"], torch.tensor([0.4526, 0.4082]), atol=1e-3, rtol=0)
     torch.testing.assert_close(r["boxes"][0], torch.tensor([344.8143, 23.1796, 637.4004, 373.8295]), atol=1e-2,
                                rtol=0)
