@@ -302,6 +302,12 @@ def test_processor_parity_batches(proc, tok):
     got = gdino.tokenize(tok, texts)
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(got[k], want[k]), k
+    from transformers.models.grounding_dino.modeling_grounding_dino import (
+        SPECIAL_TOKENS, generate_masks_with_special_tokens_and_transfer_map)
+    want_mask, want_pos = generate_masks_with_special_tokens_and_transfer_map(
+        want["input_ids"], torch.tensor(SPECIAL_TOKENS))
+    mask, pos = gdino.phrase_masks(got["input_ids"])  # padded rows: [SEP] mid-row, [PAD]s see only themselves
+    assert torch.equal(mask, want_mask) and torch.equal(pos, want_pos)
 
 
 def test_vocab_txt_fallback_tokenizes_alike(tok, tmp_path):
