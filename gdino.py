@@ -22,7 +22,8 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   6. feature enhancer   6 x (image-text fusion, text self-attention, deformable self-attention on the image)
   7. query selection    encoder proposals scored against the text; the top 900 become the decoder's boxes
   8. decoder            6 x (self-attention, text cross-attention, deformable cross-attention, FFN, box refinement)
-  9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh
+  9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh;
+                        GroundingDino: one method per stage, forward calls them in order
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
  11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, detect, chunking
  12. command line
@@ -746,7 +747,7 @@ class Decoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 9. Heads: contrastive class logits against the text tokens; the one place Grounding DINO and MM differ
+# 9. Heads (the one place Grounding DINO and MM differ), and the model: forward runs sections 3-9 in order
 
 
 class ContrastiveHead(nn.Module):
@@ -996,7 +997,7 @@ def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # 11. Loading: the checkpoint key map, from_pretrained, detect (with chunking of long label lists)
 
-# file key (after the prefix) -> our name; first matching rule wins, None drops the key on purpose.
+# file key (after the prefix) -> our name: every matching rule rewrites it in turn; None drops the key on purpose.
 SWIN_RULES = [  # legacy (4.x Hub files) and 5.x names of the same tensors
     (r"^(swin\.)?layernorm\.", None),  # SwinModel's final norm: the backbone never uses it
     (r"\.relative_position_index$", None),  # a constant buffer, recomputed
