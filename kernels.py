@@ -415,26 +415,26 @@ def bench(runs: int) -> None:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__} on {torch.get_num_threads()} threads, numba {numba.__version__} on "
           f"{numba.get_num_threads()}; float32; {runs} runs after a warm-up; load average {os.getloadavg()[0]:.1f}")
+    times = {}  # (shape, device, pass, version) -> ms
+    # all readable rows first: once numba's threads exist (a second OpenMP runtime beside torch's), the two pools
+    # compete for the cores and torch's small ops were seen to slow down many times over on this 2-core machine
+    for version, f in (("readable", ms_deform_attn_torch), ("numba", ms_deform_attn)):
+        for name, shapes, Q, nH, hD, points in BENCH_SHAPES:
+            for dev in devices:
+                value, loc, attn, grad = _bench_inputs(shapes, Q, nH, hD, points, "encoder" in name, dev)
+                value, loc, attn = value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
+                with torch.no_grad():
+                    times[name, dev.type, "forward", version] = _timings(
+                        lambda: f(value, shapes, points, loc, attn), dev, runs)
+                times[name, dev.type, "fwd+bwd", version] = _timings(
+                    lambda: torch.autograd.backward(f(value, shapes, points, loc, attn), grad), dev, runs)
     print(f"{'shape':24}{'device':7}{'pass':9}{'version':10}{'median ms':>11}{'min-max ms':>19}{'speed-up':>10}")
-    for name, shapes, Q, nH, hD, points in BENCH_SHAPES:
-        for dev in devices:
-            value, loc, attn, grad = _bench_inputs(shapes, Q, nH, hD, points, "encoder" in name, dev)
-            value, loc, attn = value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
-            for pass_ in ("forward", "fwd+bwd"):
-                medians = {}
-                for version, f in (("readable", ms_deform_attn_torch), ("numba", ms_deform_attn)):
-                    if pass_ == "forward":
-                        def fn():
-                            with torch.no_grad():
-                                f(value, shapes, points, loc, attn)
-                    else:
-                        def fn():
-                            torch.autograd.backward(f(value, shapes, points, loc, attn), grad)
-                    times = _timings(fn, dev, runs)
-                    medians[version] = statistics.median(times)
-                    ratio = f"{medians['readable'] / medians[version]:.1f}x"
-                    print(f"{name:24}{dev.type:7}{pass_:9}{version:10}{medians[version]:11.2f}"
-                          f"{f'{min(times):.2f}-{max(times):.2f}':>19}{ratio:>10}")
+    for name, dev, pass_, _ in [key for key in times if key[3] == "readable"]:
+        for version in ("readable", "numba"):
+            t = times[name, dev, pass_, version]
+            ratio = statistics.median(times[name, dev, pass_, "readable"]) / statistics.median(t)
+            print(f"{name:24}{dev:7}{pass_:9}{version:10}{statistics.median(t):11.2f}"
+                  f"{f'{min(t):.2f}-{max(t):.2f}':>19}{f'{ratio:.1f}x':>10}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as cache:
         cold, warm = _first_call(cache), _first_call(cache)
