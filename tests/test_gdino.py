@@ -40,8 +40,9 @@ def assert_stages(ours: dict, ref: dict, atol: float = STAGE_ATOL) -> dict:
             assert torch.equal(o, r), "top-k query selection differs: the decoder would see other queries"
             diffs[name] = 0.0
             continue
+        if isinstance(r, list):
+            assert isinstance(o, list) and len(o) == len(r), f"{name}: {len(o)} tensors vs {len(r)}"
         pairs = list(zip(o, r)) if isinstance(r, list) else [(o, r)]
-        assert len(pairs) == (len(o) if isinstance(o, list) else 1), f"{name}: {len(o)} tensors vs {len(r)}"
         worst = 0.0
         for i, (a, b) in enumerate(pairs):
             assert a.shape == b.shape, f"{name}[{i}]: shape {tuple(a.shape)} vs {tuple(b.shape)}"
