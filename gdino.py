@@ -204,12 +204,17 @@ def load_tokenizer(folder: str | Path):
     from tokenizers.implementations import BertWordPieceTokenizer
 
     folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    elif (folder / "vocab.txt").is_file():
-        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)  # uncased BERT, like the Hub files
-    else:
-        raise LoadError(f"{folder} has neither tokenizer.json nor vocab.txt")
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.txt").is_file():
+            tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)  # uncased, like the Hub files
+        else:
+            raise LoadError(f"{folder} has neither tokenizer.json nor vocab.txt")
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        if isinstance(e, LoadError):
+            raise
+        raise LoadError(f"cannot read the tokenizer in {folder}: {e}") from None
     tok.no_truncation()  # a long prompt is split by detect() or refused by forward(), never cut silently
     tok.no_padding()
     return tok
@@ -1068,7 +1073,10 @@ def read_preprocessor(folder: Path) -> dict:
     p = {"shortest": 800, "longest": 1333, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     f = folder / "preprocessor_config.json"
     if f.is_file():
-        c = json.loads(f.read_text())
+        try:
+            c = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise LoadError(f"cannot read {f}: {e}") from None
         size = c.get("size") or {}
         p["shortest"] = size.get("shortest_edge", p["shortest"])
         p["longest"] = size.get("longest_edge", c.get("max_size", p["longest"]))

@@ -454,6 +454,27 @@ def test_checkpoint_of_another_architecture(tmp_path):
         gdino.GroundingDino.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["no_tokenizer", "bad_tokenizer", "bad_preprocessor", "no_weights",
+                                    "truncated_weights"])
+def test_broken_checkpoint_folders(small_folder, tmp_path, damage):
+    for f in small_folder.iterdir():
+        if f.is_file() and f.name != ".done":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    if damage == "no_tokenizer":
+        (tmp_path / "tokenizer.json").unlink(), (tmp_path / "vocab.txt").unlink()
+    elif damage == "bad_tokenizer":
+        (tmp_path / "tokenizer.json").write_text("{not json")
+    elif damage == "bad_preprocessor":
+        (tmp_path / "preprocessor_config.json").write_text("{not json")
+    elif damage == "no_weights":
+        (tmp_path / "model.safetensors").unlink()
+    else:
+        data = (tmp_path / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError):
+        gdino.GroundingDino.from_pretrained(tmp_path)
+
+
 def test_unknown_model_id_offline(monkeypatch):
     import huggingface_hub.constants
 
