@@ -106,7 +106,7 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
         try:
             img = Image.open(fp)
             img.load()  # decode now, so a truncated file fails here and not inside the model
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
             raise InputError(f"{name} is not a readable image ({e})") from None
     else:
         raise InputError(f"cannot read an image from {type(source).__name__}; pass a path, URL, PIL image or array")
@@ -154,6 +154,7 @@ def ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locat
     _, Q, _, P, _ = sampling_locations.shape
     assert S == sum(h * w for h, w in spatial_shapes), f"value has {S} tokens, shapes {spatial_shapes} give another"
     assert P == sum(points_per_level), f"{P} points but points_per_level {points_per_level}"
+    assert len(points_per_level) == len(spatial_shapes), f"points {points_per_level} for {len(spatial_shapes)} levels"
     values = value.split([h * w for h, w in spatial_shapes], dim=1)  # L x (B, H_l*W_l, nH, hD)
     grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B*nH, Q, P, 2) in grid_sample's [-1, 1]
     grids = grids.split(list(points_per_level), dim=2)  # L x (B*nH, Q, P_l, 2)
@@ -200,25 +201,36 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) ->
     if s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise LoadError(f"no folder {s} and it is not a Hub id of the form owner/name")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         return Path(snapshot_download(s, revision=revision, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise LoadError(f"{s} is gated: accept its terms on the Hub and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
-        raise LoadError(f"unknown model id {s}: no such repository on the Hugging Face Hub") from None
+        raise LoadError(f"unknown model id {s}: no such repository on the Hugging Face Hub, or a private one") from None
     except RevisionNotFoundError:
         raise LoadError(f"{s} has no revision {revision!r}") from None
     except HFValidationError as e:
         raise LoadError(f"{s} is neither a folder nor a valid Hub id ({e})") from None
+    except HfHubHTTPError as e:  # the Hub answered, with an error: say what it said
+        raise LoadError(f"the Hugging Face Hub refused {s}: {str(e).splitlines()[0]}") from None
     except (LocalEntryNotFoundError, OSError) as e:
-        raise LoadError(f"cannot reach the Hugging Face Hub and {s} is not in the local cache ({type(e).__name__}); "
-                        f"download it on a connected machine, or pass a local folder with config.json and "
-                        f"model.safetensors") from None
+        raise LoadError(f"cannot reach the Hugging Face Hub and {s} is not in the local cache "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it on a "
+                        f"connected machine, or pass a local folder with config.json and model.safetensors") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot read {path}: {e}") from None
 
 
 def read_config(folder: Path, model_types: Sequence[str]) -> dict:
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_json(folder / "config.json")
     if cfg.get("model_type") not in model_types:
         raise LoadError(f"{folder} holds a {cfg.get('model_type')!r} checkpoint; this file loads {list(model_types)}")
     return cfg
@@ -227,7 +239,10 @@ def read_config(folder: Path, model_types: Sequence[str]) -> dict:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # sharded: the index maps each tensor to its shard
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index} has no weight_map")
+        return [folder / f for f in sorted(set(weight_map.values()))]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
@@ -236,10 +251,13 @@ def weight_files(folder: Path) -> list[Path]:
     raise LoadError(f"{folder} has no model.safetensors")
 
 
-def load_weights(model: torch.nn.Module, files: Sequence[Path], key_map: Callable[[str], str | None]) -> None:
+def load_weights(model: torch.nn.Module, files: Sequence[Path], key_map: Callable[[str], str | None],
+                 optional: Callable[[str], bool] = lambda name: False) -> None:
     """Read every tensor, rename it with key_map (None = drop on purpose) and load; any mismatch stops the load.
 
     Two file keys may map to one module name (a head stored twice): allowed only when the tensors are equal.
+    `optional(name)` marks module tensors a file may lack (a BN step counter, a buffer rebuilt at init): those keep
+    the value the model was built with.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -266,13 +284,14 @@ def load_weights(model: torch.nn.Module, files: Sequence[Path], key_map: Callabl
                         loaded[name] = t
         except SafetensorError as e:
             raise LoadError(f"cannot read {f}: {e} (truncated or not a safetensors file? download it again)") from None
-    missing = [k for k in expected if k not in loaded]
+    missing = [k for k in expected if k not in loaded and not optional(k)]
     problems = [(label, names) for label, names in [("missing", missing), ("unexpected", unexpected),
                                                     ("wrong shape", wrong_shape), ("conflicting", conflict)] if names]
     if problems:
         lines = [f"{len(names)} {label} key(s): " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
                  for label, names in problems]
         raise LoadError(f"checkpoint {Path(files[0]).parent} does not fit the model:\n  " + "\n  ".join(lines))
+    loaded.update({k: v for k, v in expected.items() if k not in loaded})  # the optional ones, as built
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in loaded.items()}, strict=True)
 
 
@@ -292,7 +311,8 @@ def draw_detections(image: Image.Image, boxes, labels: Sequence[str], scores, pa
     ax.imshow(image)
     ax.set_axis_off()
     colours = plt.get_cmap("tab10")
-    for i, ((x0, y0, x1, y1), label, score) in enumerate(zip(np.asarray(boxes).tolist(), labels, np.asarray(scores))):
+    boxes, scores = torch.as_tensor(boxes).cpu().tolist(), torch.as_tensor(scores).cpu().tolist()  # CUDA too
+    for i, ((x0, y0, x1, y1), label, score) in enumerate(zip(boxes, labels, scores)):
         c = colours(i % 10)
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2))
         # the label sits above the box, or inside it where the box touches the top of the image

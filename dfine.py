@@ -2,8 +2,10 @@
 
 Paper: "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement" (Peng et al., 2024).
 Mirrors transformers 5.23 `DFineForObjectDetection` (modeling_d_fine.py, modeling_hgnet_v2.py) and its PIL RT-DETR
-image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints `ustc-community/dfine-{nano,small,
-medium,large,xlarge}-{coco,obj365,obj2coco}` as they are. Left out: training (losses, denoising queries, dropout),
+image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints as they are:
+`ustc-community/dfine-{nano,small,medium,large,xlarge}-coco`, `dfine-{small,medium,large,xlarge}-obj365` (366
+classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Left out: training (losses, denoising
+queries, dropout),
 the unused "discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
@@ -11,11 +13,11 @@ Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers
   1. preprocessing     stretch to 640x640 with PIL bilinear, /255, no normalisation
   2. backbone          HGNetV2: stem, 4 stages of HG blocks -> 2 or 3 maps at strides 8/16/32
   3. hybrid encoder    input projections, AIFI (one transformer layer on the coarsest map), CCFF (FPN + PAN)
-  4. query selection   anchors, encoder head, top-300 proposals
+  4. query selection   anchors, then (DFine.select_queries, in 6) encoder head and top-300 proposals
   5. decoder           self-attention, deformable cross-attention, gate; FDR edge distributions; LQE
-  6. the model         forward as a short list of the stages above
+  6. the model         forward as a short list of the stages above; detect; from_pretrained
   7. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
-  8. loading           from_pretrained and the key map
+  8. the key map       Hub key names (4.x and 5.x) -> this file's module names
   9. command line
 
 Shapes: B batch, C channels, H W map size, S tokens of all levels, Q queries (300), L levels, P points (all levels),
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -65,7 +68,6 @@ class DFineConfig:
     freeze_backbone_batch_norms: bool = True  # selects the frozen-BN formula (not F.batch_norm): it matters (P5)
     # hybrid encoder
     encoder_in_channels: list[int] = field(default_factory=lambda: [512, 1024, 2048])
-    feat_strides: list[int] = field(default_factory=lambda: [8, 16, 32])
     encoder_hidden_dim: int = 256
     encode_proj_layers: list[int] = field(default_factory=lambda: [2])  # AIFI runs on these levels only
     encoder_layers: int = 1
@@ -115,6 +117,9 @@ class DFineConfig:
                 raise common.LoadError(f"config sets {k}={cfg[k]!r}; dfine.py supports only {ok!r}")
         if cfg.get("eval_idx", -1) not in (-1, c.decoder_layers - 1):
             raise common.LoadError(f"config sets eval_idx={cfg['eval_idx']}; dfine.py supports only the last layer")
+        if c.num_feature_levels != len(c.decoder_in_channels):  # transformers would add stride-2 levels
+            raise common.LoadError(f"config has {c.num_feature_levels} feature levels for "
+                                   f"{len(c.decoder_in_channels)} encoder outputs; dfine.py needs them equal")
         if c.eval_size is not None or c.anchor_image_size is not None:
             raise common.LoadError("config sets eval_size or anchor_image_size, which fix the input size; "
                                    "dfine.py computes both from the real input (set them to null)")
@@ -156,8 +161,8 @@ class FrozenBatchNorm2d(nn.Module):
             self.register_buffer(name, torch.zeros(n))
 
     def forward(self, x):  # x: a conv output nothing else holds, so it is updated in place (same ops, same bits)
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
-        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()  # (1,C,1,1)
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale  # (1, C, 1, 1)
         return x.mul_(scale).add_(bias) if not torch.is_grad_enabled() else x * scale + bias
 
 
@@ -267,7 +272,7 @@ class Stage(nn.Module):
         return x
 
 
-class Encoder(nn.Module):  # named as the checkpoint names it: backbone.encoder.stages
+class HGStages(nn.Module):  # the checkpoint calls this `backbone.encoder`; it holds `stages`
     def __init__(self, cfg):
         super().__init__()
         self.stages = nn.ModuleList(Stage(cfg, s) for s in range(len(cfg.stage_in_channels)))
@@ -277,7 +282,7 @@ class HGNetV2(nn.Module):
     def __init__(self, cfg: DFineConfig):
         super().__init__()
         self.embedder = Embedder(cfg)
-        self.encoder = Encoder(cfg)
+        self.encoder = HGStages(cfg)
         self.out_indices = cfg.out_indices
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -308,19 +313,22 @@ class ConvNorm(nn.Module):
         return self.act(x) if self.act is not None else x
 
 
-def input_proj(cin: int, cout: int) -> nn.Sequential:
-    """1x1 conv + BatchNorm2d (default eps), keys `.0.weight` and `.1.*` as in the checkpoint."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+def input_proj(cin: int, cout: int, eps: float = 1e-5) -> nn.Sequential:
+    """1x1 conv + BatchNorm2d, keys `.0.weight` and `.1.*` as in the checkpoint. transformers gives the encoder's
+    projections the default eps and the decoder's config.batch_norm_eps; both are 1e-5 in every checkpoint."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout, eps=eps))
 
 
-def sincos_2d(h: int, w: int, dim: int, temperature: float) -> torch.Tensor:
+def sincos_2d(h: int, w: int, dim: int, temperature: float, device=None) -> torch.Tensor:
     """(1, H*W, dim) fixed 2-D position embedding: [sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)].
 
     Built in float64 and cast, as transformers 5.23. (The original D-FINE and transformers 4.x use float32 and a
     transposed grid; on non-square maps that differs by up to 2.0, spec P7.)
     """
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
-    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    f64 = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # mps has no float64
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=f64, device=device) / (dim // 4))  # (dim/4,)
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=f64, device=device), torch.arange(w, dtype=f64, device=device),
+                            indexing="ij")  # (H, W) each
     ey, ex = gy.flatten().outer(omega), gx.flatten().outer(omega)  # (H*W, dim/4) each; token k = y*W + x
     return torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], dim=1).float()[None]  # (1, H*W, dim)
 
@@ -445,7 +453,7 @@ class HybridEncoder(nn.Module):
         for aifi, lvl in zip(self.aifi, self.cfg.encode_proj_layers):  # AIFI: only the coarsest map (N: 20x20)
             B, C, H, W = maps[lvl].shape
             x = maps[lvl].flatten(2).transpose(1, 2)  # (B, H*W, C), row-major tokens
-            pos = sincos_2d(H, W, C, self.cfg.positional_encoding_temperature).to(x.dtype)  # (1, H*W, C)
+            pos = sincos_2d(H, W, C, self.cfg.positional_encoding_temperature, x.device).to(x.dtype)  # (1, H*W, C)
             for layer in aifi.layers:
                 x = layer(x, pos)
             maps[lvl] = x.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, C, H, W)
@@ -480,13 +488,16 @@ class MLP(nn.Module):
         return x
 
 
-def make_anchors(spatial_shapes: list[tuple[int, int]], dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """One anchor box per token, in logit space: centre of its cell, size 0.05 * 2^level; edge tokens invalid."""
+def make_anchors(spatial_shapes: list[tuple[int, int]], dtype=torch.float32, device=None):
+    """One anchor box per token, in logit space: centre of its cell, size 0.05 * 2^level; edge tokens invalid.
+
+    Returns anchors (1, S, 4) and the valid mask (1, S, 1)."""
     anchors = []
     for lvl, (h, w) in enumerate(spatial_shapes):
-        gy, gx = torch.meshgrid(torch.arange(h).to(dtype), torch.arange(w).to(dtype), indexing="ij")
+        gy, gx = torch.meshgrid(torch.arange(h, device=device).to(dtype), torch.arange(w, device=device).to(dtype),
+                                indexing="ij")  # (H, W) each
         xy = torch.stack([gx, gy], dim=-1) + 0.5  # (H, W, 2): +0.5 before dividing, as upstream (P8)
-        xy = xy / torch.tensor([w, h], dtype=dtype)
+        xy = xy / torch.tensor([w, h], dtype=dtype, device=device)
         wh = torch.ones_like(xy) * 0.05 * (2.0 ** lvl)
         anchors.append(torch.cat([xy, wh], dim=-1).reshape(1, h * w, 4))  # (1, H*W, 4) cxcywh
     anchors = torch.cat(anchors, dim=1)  # (1, S, 4)
@@ -633,7 +644,7 @@ class Decoder(nn.Module):
             out["sampling_locations"].append(loc)  # (B, Q, nH, P, 2) in [0, 1]: where each head looked
             out["attention_weights"].append(w)  # (B, Q, nH, P): how much each sample counted
             if i == 0:  # the initial box all FDR distances are measured from, fixed for every later layer
-                out["initial_box"] = ref0 = torch.sigmoid(self.pre_bbox_head(h) + inverse_sigmoid(ref))
+                out["initial_box"] = ref0 = torch.sigmoid(self.pre_bbox_head(h) + inverse_sigmoid(ref))  # (B, Q, 4)
             corners = self.bbox_embed[i](h + prev_h) + prev_corners  # (B, Q, 4*(N+1)): residual in logit space
             ref = distance2bbox(ref0, integral(corners, project), self.reg_scale)  # (B, Q, 4): next layer's ref
             prev_h, prev_corners = h, corners
@@ -666,7 +677,7 @@ class DFine(nn.Module):
         self.encoder = HybridEncoder(cfg)
         # X: the encoder is 384 wide and the decoder 256, so a projection; the others need none
         self.decoder_input_proj = nn.ModuleList(
-            input_proj(c, d) if c != d else nn.Identity() for c in cfg.decoder_in_channels)
+            input_proj(c, d, cfg.batch_norm_eps) if c != d else nn.Identity() for c in cfg.decoder_in_channels)
         self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
         self.enc_score_head = nn.Linear(d, len(cfg.id2label))
         self.enc_bbox_head = MLP(d, d, 4, 3)
@@ -680,7 +691,10 @@ class DFine(nn.Module):
         feats = [p(f) for p, f in zip(self.decoder_input_proj, feats)]  # L x (B, d, H_l, W_l)
         shapes = [tuple(f.shape[2:]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)  # (B, S, d), fine to coarse
-        anchors, valid = make_anchors(shapes, memory.dtype)  # (1, S, 4), (1, S, 1)
+        if memory.shape[1] < self.cfg.num_queries:
+            raise InputError(f"the input gives {memory.shape[1]} image tokens, fewer than the {self.cfg.num_queries} "
+                             f"queries; use a larger input (dfine.preprocess makes 640x640)")
+        anchors, valid = make_anchors(shapes, memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
         out_mem = self.enc_output(valid.to(memory.dtype) * memory)  # (B, S, d): invalid tokens zeroed for the head
         enc_class = self.enc_score_head(out_mem)  # (B, S, K)
         enc_coord = self.enc_bbox_head(out_mem) + anchors  # (B, S, 4) logits, on all tokens as transformers
@@ -693,9 +707,11 @@ class DFine(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, return_stages: bool = False) -> DFineOutput:
         B, C, H, W = pixel_values.shape if pixel_values.ndim == 4 else (0, 0, 1, 1)
-        if C != 3 or H % 32 or W % 32:
-            raise InputError(f"pixel_values must be (B, 3, H, W) with H, W multiples of 32, got "
-                             f"{tuple(pixel_values.shape)}; use dfine.preprocess")
+        weight = self.enc_score_head.weight
+        if C != 3 or H % 32 or W % 32 or pixel_values.dtype != weight.dtype or pixel_values.device != weight.device:
+            raise InputError(f"pixel_values must be (B, 3, H, W) with H, W multiples of 32, {weight.dtype} on "
+                             f"{weight.device} as the model; got {tuple(pixel_values.shape)} {pixel_values.dtype} on "
+                             f"{pixel_values.device}; use dfine.preprocess")
         pixel_values = pixel_values.contiguous()  # a channels-last input would change conv rounding (see preprocess)
         maps = self.backbone(pixel_values)  # L x (B, C_l, H_l, W_l), strides 8/16/32
         feats = self.encode(maps)  # L x (B, C, H_l, W_l)
@@ -717,7 +733,10 @@ class DFine(nn.Module):
         """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes."""
         common.check_threshold("threshold", threshold)
         images = [common.load_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
-        out = self(preprocess(images).to(next(self.parameters()).device))
+        if not images:
+            raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
+        weight = self.enc_score_head.weight
+        out = self(preprocess(images).to(weight.device, weight.dtype))
         return postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
                            self.cfg.id2label)
 
@@ -727,7 +746,7 @@ class DFine(nn.Module):
         folder = common.resolve_checkpoint(name_or_path, revision)
         cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
         model = cls(cfg, backend)
-        common.load_weights(model, common.weight_files(folder), key_map)
+        common.load_weights(model, common.weight_files(folder), key_map, optional=optional_key)
         model.name_or_path, model.revision = str(name_or_path), revision
         return model.eval()
 
@@ -765,7 +784,7 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
 #   model.backbone.model.X                  -> backbone.X
 #   model.encoder.encoder.i.X  (4.x)        -> encoder.aifi.i.X         (5.x: model.encoder.aifi.i.X)
 #   self_attn.o_proj  (5.x)                 -> self_attn.out_proj
-#   aifi ... mlp.layers.0/1  (5.x)          -> fc1 / fc2
+#   layers.j.mlp.layers.0/1  (5.x)          -> layers.j.fc1 / fc2   (AIFI and decoder layers)
 #   model.X                                 -> X
 #   class_embed.i / bbox_embed.i (top level, if a file has them) -> decoder.class_embed.i / decoder.bbox_embed.i
 #   model.denoising_class_embed             -> dropped (training-time label noise only)
@@ -784,6 +803,11 @@ def key_map(key: str) -> str | None:
     return k
 
 
+def optional_key(name: str) -> bool:
+    """Tensors a file may lack: the BN step counter (unused in eval) and num_points_scale (1/n_l, rebuilt at init)."""
+    return name.endswith((".num_batches_tracked", ".num_points_scale"))
+
+
 # -----------------------------------------------------------------------------
 # 9. Command line
 
@@ -800,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", help="save every stage's tensors (first image) to this .safetensors file")
     args = ap.parse_args(argv)
     common.check_threshold("--threshold", args.threshold)
+    for out in (args.save, args.dump):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
     images = [common.load_image(p) for p in args.images]
     model = DFine.from_pretrained(args.model, args.revision, args.backend)
     results = model.detect(images, args.threshold)
@@ -817,13 +844,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         r = results[0]
         common.draw_detections(images[0], r["boxes"], r["names"], r["scores"], args.save)
-        print(f"saved {args.save}")
+        print(f"saved {args.save}", file=sys.stderr)  # stderr: stdout stays pure JSON with --json
     if args.dump:
         pixels = preprocess(images[:1])
         with torch.inference_mode():
             stages = model(pixels, return_stages=True).stages
         common.save_stages(args.dump, stages, args.model, args.revision, pixels)
-        print(f"saved {args.dump}")
+        print(f"saved {args.dump}", file=sys.stderr)
     return 0
 
 

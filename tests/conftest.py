@@ -42,6 +42,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(scope="session")
+def hub():
+    """For tests marked `hub`: skip, rather than fail, where --hub was given but the Hub cannot be reached."""
+    import huggingface_hub
+
+    try:
+        huggingface_hub.model_info("ustc-community/dfine-small-coco", timeout=10)
+    except Exception as e:  # offline, DNS, proxy: all mean the same here
+        pytest.skip(f"the Hugging Face Hub is not reachable ({type(e).__name__})")
+
+
 @pytest.fixture(autouse=True)
 def seed():
     random.seed(0)

@@ -9,6 +9,7 @@ import torch
 from conftest import cached_checkpoint, hub_config
 
 SIZES = ["n", "s", "m", "l", "x"]
+TENSORS = {"n": 644, "s": 764, "m": 1009, "l": 1197, "x": 1465}  # per size, as in the Hub files (spec section 10)
 BUILDER_VERSION = 1  # bump when the way weights are made changes
 
 
@@ -52,4 +53,19 @@ def checkpoint(size: str, dataset: str = "coco") -> Path:
             model.model.decoder.reg_scale.fill_(8.0)
         model.save_pretrained(folder)
 
-    return cached_checkpoint(f"dfine-{size}-{dataset}", {"config": cfg, "builder": BUILDER_VERSION}, build)
+    folder = cached_checkpoint(f"dfine-{size}-{dataset}", {"config": cfg, "builder": BUILDER_VERSION}, build)
+    check_hub_layout(folder, size)
+    return folder
+
+
+def check_hub_layout(folder: Path, size: str) -> None:
+    """The file must look like the Hub's: transformers 5.23's save_pretrained writes the 4.x names itself (it undoes
+    its load-time renames), so no rewrite is needed, but the tests rely on it, so it is checked here."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == TENSORS[size], f"{folder}: {len(keys)} tensors, the Hub file has {TENSORS[size]}"
+    assert any(k.startswith("model.encoder.encoder.0.layers.0.fc1.") for k in keys), "AIFI not under 4.x names"
+    assert not any(".o_proj." in k or ".mlp.layers." in k or ".aifi." in k for k in keys), "5.x names in the file"
+    assert not any(k.startswith(("class_embed.", "bbox_embed.")) for k in keys), "heads should be under model.decoder"
