@@ -589,7 +589,7 @@ def test_mm_head_layouts_load_alike(proc, mm_small_folder, tmp_path):
 
 
 @pytest.mark.hub
-def test_real_tiny_weights_match_published_values():
+def test_real_tiny_weights_match_published_values(hub):
     model = gdino.GroundingDino.from_pretrained("IDEA-Research/grounding-dino-tiny")
     pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS])
     t = gdino.tokenize(model.tokenizer, ["a cat."])
@@ -615,7 +615,7 @@ def test_real_tiny_weights_match_published_values():
     ("iSEE-Laboratory/llmdet_tiny", [0.7262, 0.7552, 0.7656, 0.8207],
      [[0.0114, 0.1132, 0.4947, 0.9854], [0.5387, 0.0513, 0.9992, 0.7765], [0.5212, 0.1605, 0.5788, 0.3890],
       [0.0634, 0.1536, 0.2743, 0.2440]])])
-def test_real_mm_weights_match_published_values(repo, scores, boxes):
+def test_real_mm_weights_match_published_values(hub, repo, scores, boxes):
     """The conversion script's check: cats image, labels ["cat", "remote"], threshold 0.4, text_threshold 0.3,
     boxes normalised (atol 1e-3 as published)."""
     model = gdino.GroundingDino.from_pretrained(repo)
