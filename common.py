@@ -182,7 +182,7 @@ def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, 
 # -----------------------------------------------------------------------------
 # 4. Loading: files from the Hub or a folder, then safetensors through an explicit key map
 
-HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, tokenizer, vocab, weights; never pickled *.bin
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, tokenizer, vocab, weights; never *.bin or *.pth
 
 
 def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
@@ -246,7 +246,7 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
-        raise LoadError(f"{folder} has only pickled weights; we read safetensors only (re-save with "
+        raise LoadError(f"{folder} has only .bin or .pth weights; we read safetensors only (re-save with "
                         f"save_pretrained(..., safe_serialization=True))")
     raise LoadError(f"{folder} has no model.safetensors")
 

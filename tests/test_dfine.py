@@ -340,7 +340,7 @@ def test_other_architecture_and_pickle_only_are_refused(tmp_path):
         dfine.DFine.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((checkpoint("n") / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(common.LoadError, match="only pickled weights; we read safetensors only"):
+    with pytest.raises(common.LoadError, match="only .bin or .pth weights; we read safetensors only"):
         dfine.DFine.from_pretrained(tmp_path)
 
 

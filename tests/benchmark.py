@@ -1,0 +1,196 @@
+"""Speed and memory, ours next to transformers on the same weights and input: `python tests/benchmark.py`.
+
+For each model: the forward time of ours and of transformers in one process (median and min-max of --runs runs after
+one warm-up), their ratio, ours split by stage, the GFLOP/s ours achieves (FLOPs counted by torch's FlopCounterMode:
+matmuls and convolutions, not grid_sample or elementwise ops), and the peak RSS of each, each measured in a fresh
+process of its own. The weights are the tests' reference checkpoints (random, the real configs: same FLOPs as the
+real ones); nothing is timed inside pytest. `--quick` runs D-FINE nano once for a smoke test (tests/test_benchmark.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).parent
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+
+import common  # noqa: E402
+from conftest import DATA  # noqa: E402
+
+CATS = DATA / "coco_000000039769.png"
+PROMPT = "a cat. a remote control."
+DFINE_SIZES = ["n", "s", "m", "l", "x"]
+GDINO_CONFIGS = {"gdino-tiny": "grounding-dino-tiny", "mm-gdino-tiny": "mm_grounding_dino_tiny_o365v1_goldg"}
+
+
+def timed(fns, runs: int) -> list[list[float]]:
+    """Run the functions in turns (a, b, a, b, ...) so a change in the machine's load hits both alike."""
+    for fn in fns:
+        fn()  # warm-up: first-call allocations, lazy inits
+    out = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, times in zip(fns, out):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Each model: build ours and theirs on one checkpoint, their inputs, and our stage-by-stage calls
+
+
+def dfine_case(size: str):
+    import dfine
+    from dfine_reference import checkpoint, hf_model
+
+    folder = checkpoint(size)
+    ours, theirs = dfine.DFine.from_pretrained(folder), hf_model(folder)
+    px = dfine.preprocess([common.load_image(CATS)])
+
+    def stages():
+        t = {}
+        clock = time.perf_counter()
+        maps = ours.backbone(px)
+        t["backbone"], clock = time.perf_counter() - clock, time.perf_counter()
+        feats = ours.encode(maps)
+        t["encoder"], clock = time.perf_counter() - clock, time.perf_counter()
+        q = ours.select_queries(feats)
+        t["query selection"], clock = time.perf_counter() - clock, time.perf_counter()
+        ours.decoder(q["target"], q["init_reference_points"], q["memory"], q["spatial_shapes"], ours.backend)
+        t["decoder + heads"] = time.perf_counter() - clock
+        return t
+
+    return ours, lambda: ours(px), lambda: theirs(pixel_values=px), stages
+
+
+def gdino_case(name: str):
+    import gdino
+    import gdino_reference as R
+    from conftest import hub_config
+
+    # the tests' own reference checkpoints (same cache): tiny in the Hub's key layout, MM tiny as built
+    folder = (R.checkpoint("gdino-tiny", hub_config(GDINO_CONFIGS[name]), hub_layout=True) if name == "gdino-tiny"
+              else R.checkpoint(f"mm-{GDINO_CONFIGS[name]}", hub_config(GDINO_CONFIGS[name])))
+    ours, theirs = gdino.GroundingDino.from_pretrained(folder), R.load(folder)
+    pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS])  # 800x1066, as the Hub processor
+    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, **gdino.tokenize(ours.tokenizer, [PROMPT])}
+
+    def stages():
+        t, clock = {}, time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            t[name], clock = time.perf_counter() - clock, time.perf_counter()
+
+        maps = ours.backbone(pixel_values)
+        lap("backbone")
+        text = ours.encode_text(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+        lap("text")
+        lv = ours.prepare_levels(maps, pixel_mask)
+        memory, text_feats = ours.encode(lv, text)
+        lap("encoder")
+        sel = ours.select_queries(memory, lv, text_feats, text["token_mask"])
+        lap("query selection")
+        hidden, refs = ours.decode(sel["init_reference_points"], memory, lv, text_feats, text["token_mask"])
+        lap("decoder")
+        ours.heads(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
+        lap("heads")
+        return t
+
+    return ours, lambda: ours(**inputs), lambda: theirs(**inputs), stages
+
+
+def case(name: str):
+    return dfine_case(name.split("-")[1]) if name.startswith("dfine-") else gdino_case(name)
+
+
+# -----------------------------------------------------------------------------
+# Peak RSS: each implementation alone in a fresh process (a shared process would report the larger of the two)
+
+
+def rss_child(name: str, impl: str) -> None:
+    ours, run_ours, run_theirs, _ = case(name)
+    with torch.inference_mode():
+        (run_ours if impl == "ours" else run_theirs)()
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(name: str, impl: str) -> float:
+    r = subprocess.run([sys.executable, __file__, "--rss-child", name, impl], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"RSS child for {name}/{impl} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench(name: str, runs: int, rss: bool) -> dict:
+    ours, run_ours, run_theirs, stages = case(name)
+    with torch.inference_mode():
+        t_ours, t_theirs = timed([run_ours, run_theirs], runs)
+        split = [stages() for _ in range(runs)]
+        gflop = flops(run_ours) / 1e9
+    med = statistics.median(t_ours)
+    row = {"model": name, "ours_s": med, "ours_min": min(t_ours), "ours_max": max(t_ours),
+           "theirs_s": statistics.median(t_theirs), "theirs_min": min(t_theirs), "theirs_max": max(t_theirs),
+           "ratio": med / statistics.median(t_theirs), "gflop": gflop, "gflops": gflop / med,
+           "stages": {k: statistics.median(s[k] for s in split) for k in split[0]}}
+    if rss:
+        row["ours_rss_mb"], row["theirs_rss_mb"] = peak_rss(name, "ours"), peak_rss(name, "theirs")
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, "
+          f"median of runs after warm-up")
+    print(f"{'model':<14} {'ours s (min-max)':>22} {'transformers s (min-max)':>26} {'ratio':>6} {'GFLOP':>7} "
+          f"{'GFLOP/s':>8} {'RSS ours/theirs MB':>19}")
+    for r in rows:
+        rss = f"{r['ours_rss_mb']:.0f}/{r['theirs_rss_mb']:.0f}" if "ours_rss_mb" in r else "-"
+        print(f"{r['model']:<14} {r['ours_s']:>8.3f} ({r['ours_min']:.3f}-{r['ours_max']:.3f}) "
+              f"{r['theirs_s']:>10.3f} ({r['theirs_min']:.3f}-{r['theirs_max']:.3f}) {r['ratio']:>6.2f} "
+              f"{r['gflop']:>7.1f} {r['gflops']:>8.1f} {rss:>19}")
+    print("\nours by stage (median s):")
+    for r in rows:
+        print(f"  {r['model']:<14} " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items()))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", help="subset, e.g. dfine-n gdino-tiny (default: all)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="D-FINE nano, 2 runs, no RSS: a smoke test")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return 0
+    names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}" for s in DFINE_SIZES)]
+    if args.quick:
+        names, args.runs, args.no_rss = ["dfine-n"], 2, True
+    rows = [bench(n, args.runs, not args.no_rss) for n in names]
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
