@@ -217,14 +217,18 @@ def test_cuda_kernels_under_the_simulator():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_kernel_matches_readable(case, dtype):
+    """Against the readable version on the CPU, whose rounding of the pixel coordinate the kernels copy (torch's
+    CUDA grid_sample computes it another way). The location gradient jumps at pixel centres, where one ulp decides
+    the side, and the GPU fuses multiply-adds: so at the special locations it is left out."""
     B, Q, nH, hD, shapes, points = CASES[case]
     for locations in ("spread", "special"):
-        args = [x.cuda() for x in make_inputs(B, Q, nH, hD, shapes, points, dtype, locations)]
-        ours = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+        args = make_inputs(B, Q, nH, hD, shapes, points, dtype, locations)
+        ours = value_and_grads(kernels.ms_deform_attn, args[0].cuda(), shapes, points, *[x.cuda() for x in args[1:]])
         ref = value_and_grads(ms_deform_attn_torch, args[0], shapes, points, *args[1:])
-        for a, b in zip(ours, ref):
-            assert a.is_cuda
-            torch.testing.assert_close(a, b, **TOL[dtype])
+        for i, name in enumerate(["output", "grad value", "grad locations", "grad attention"]):
+            assert ours[i].is_cuda
+            if not (locations == "special" and name == "grad locations"):
+                torch.testing.assert_close(ours[i].cpu(), ref[i], **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.cuda
