@@ -68,6 +68,7 @@ class DFineConfig:
     freeze_backbone_batch_norms: bool = True  # selects the frozen-BN formula (not F.batch_norm): it matters (P5)
     # hybrid encoder
     encoder_in_channels: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    feat_strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # for readers; shapes come from tensors
     encoder_hidden_dim: int = 256
     encode_proj_layers: list[int] = field(default_factory=lambda: [2])  # AIFI runs on these levels only
     encoder_layers: int = 1
