@@ -22,8 +22,7 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   6. feature enhancer   6 x (image-text fusion, text self-attention, deformable self-attention on the image)
   7. query selection    encoder proposals scored against the text; the top 900 become the decoder's boxes
   8. decoder            6 x (self-attention, text cross-attention, deformable cross-attention, FFN, box refinement)
-  9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh;
-                        GroundingDino: one method per stage, forward calls them in order
+  9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
  11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, detect, chunking
  12. command line
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 import common
 from common import InputError, LoadError, center_to_corners, check_threshold, load_image, ms_deform_attn
@@ -204,16 +204,14 @@ def load_tokenizer(folder: str | Path):
     from tokenizers.implementations import BertWordPieceTokenizer
 
     folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").is_file():
+        raise LoadError(f"{folder} has neither tokenizer.json nor vocab.txt")
     try:
         if (folder / "tokenizer.json").is_file():
             tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.txt").is_file():
-            tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)  # uncased, like the Hub files
         else:
-            raise LoadError(f"{folder} has neither tokenizer.json nor vocab.txt")
+            tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)  # uncased, like the Hub files
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
-        if isinstance(e, LoadError):
-            raise
         raise LoadError(f"cannot read the tokenizer in {folder}: {e}") from None
     tok.no_truncation()  # a long prompt is split by detect() or refused by forward(), never cut silently
     tok.no_padding()
@@ -242,8 +240,7 @@ def normalize_prompt(prompt: str | Sequence[str]) -> str:
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Texts -> input_ids, attention_mask, token_type_ids (B, T), padded with [PAD] to the longest, like the
-    processor with padding="longest". A prompt with no word the vocabulary knows is refused."""
+    """Texts -> input_ids, attention_mask, token_type_ids (B, T), padded with [PAD] as padding="longest" does."""
     encs = [tokenizer.encode(t) for t in texts]
     for t, e in zip(texts, encs):
         words = [i for i in e.ids if i not in DELIMITERS]
@@ -251,12 +248,8 @@ def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
             raise InputError(f"the prompt {t!r} has no words, only punctuation; give labels like 'a cat.'")
         if all(i == UNK for i in words):
             raise InputError(f"no word of the prompt {t!r} is in the vocabulary (all [UNK]); use English words")
-    T = max(len(e.ids) for e in encs)
-    ids = torch.full((len(encs), T), PAD, dtype=torch.long)
-    mask = torch.zeros(len(encs), T, dtype=torch.long)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        mask[i, : len(e.ids)] = 1
+    ids = pad_sequence([torch.tensor(e.ids) for e in encs], batch_first=True, padding_value=PAD)  # (B, T)
+    mask = pad_sequence([torch.ones(len(e.ids), dtype=torch.long) for e in encs], batch_first=True)  # (B, T)
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
@@ -291,12 +284,6 @@ def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     return x.transpose(2, 3).contiguous().view(-1, ws, ws, C)  # (B*nW, ws, ws, C), batch outermost
 
 
-def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
-    C = windows.shape[-1]
-    x = windows.view(-1, H // ws, W // ws, ws, ws, C)  # (B, H/ws, W/ws, ws, ws, C)
-    return x.transpose(2, 3).contiguous().view(-1, H, W, C)  # (B, H, W, C)
-
-
 def relative_position_index(ws: int) -> torch.Tensor:
     """(N, N): row of the bias table for each (query, key) pair of a window, (dh + ws-1) * (2ws-1) + (dw + ws-1)."""
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # (2, N)
@@ -321,20 +308,15 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.heads, self.ws, self.shift = heads, ws, shift
         self.layernorm_before = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.query = nn.Linear(dim, dim, bias=cfg.qkv_bias)
-        self.key = nn.Linear(dim, dim, bias=cfg.qkv_bias)
-        self.value = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.query, self.key, self.value = (nn.Linear(dim, dim, bias=cfg.qkv_bias) for _ in range(3))
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", relative_position_index(ws), persistent=False)
         self.proj = nn.Linear(dim, dim)
         self.layernorm_after = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(dim, int(cfg.mlp_ratio * dim))
-        self.fc2 = nn.Linear(int(cfg.mlp_ratio * dim), dim)
+        self.fc1, self.fc2 = nn.Linear(dim, int(cfg.mlp_ratio * dim)), nn.Linear(int(cfg.mlp_ratio * dim), dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         B, _, C = x.shape
         ws, N, s = self.ws, self.ws * self.ws, self.shift
-        shortcut = x
         y = self.layernorm_before(x).view(B, h, w, C)  # (B, h, w, C)
         # zero-pad after the norm to whole windows; padded tokens are keys like any other (no padding mask in Swin)
         y = F.pad(y, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))  # (B, Hp, Wp, C)
@@ -342,24 +324,20 @@ class SwinBlock(nn.Module):
         if s:
             y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
         win = window_partition(y, ws).view(-1, N, C)  # (B*nW, N, C)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, nH)
+        bias = self.relative_position_bias_table[relative_position_index(ws).view(-1).to(x.device)]  # (N*N, nH)
         mask = bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, nH, N, N)
         if s:  # the same (nW, N, N) mask for every image: batch outermost, as the windows
-            m = shift_mask(Hp, Wp, ws, s).to(x.device)
-            mask = mask + m.unsqueeze(1).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(-1, 1, N, N)  # (B*nW,nH,N,N)
-        q = self.query(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
-        k = self.key(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
-        v = self.value(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
+            mask = mask + shift_mask(Hp, Wp, ws, s).to(x.device).repeat(B, 1, 1)[:, None]  # (B*nW, nH, N, N)
+        q, k, v = (lin(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
+                   for lin in (self.query, self.key, self.value))
         # transformers' Swin runs SDPA with the float bias(+shift) mask; the same call gives the same rounding
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=(C // self.heads) ** -0.5)
         a = a.transpose(1, 2).contiguous().reshape(win.shape[0], N, -1).contiguous()  # (B*nW, N, C)
-        a = self.proj(a).view(-1, ws, ws, C)  # (B*nW, ws, ws, C)
-        y = window_reverse(a, ws, Hp, Wp)  # (B, Hp, Wp, C)
+        a = self.proj(a).view(B, Hp // ws, Wp // ws, ws, ws, C)  # (B, Hp/ws, Wp/ws, ws, ws, C)
+        y = a.transpose(2, 3).contiguous().view(B, Hp, Wp, C)  # (B, Hp, Wp, C): windows back in place
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
-        if Hp != h or Wp != w:
-            y = y[:, :h, :w, :].contiguous()  # crop the window padding
-        x = shortcut + y.view(B, h * w, C)  # (B, h*w, C)
+        x = x + y[:, :h, :w].contiguous().view(B, h * w, C)  # (B, h*w, C): window padding cropped
         return self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))) + x  # exact-erf GELU
 
 
@@ -440,9 +418,8 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         hD = d // self.heads
-        q = self.query(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
-        k = self.key(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
-        v = self.value(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
+        q, k, v = (lin(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
+                   for lin in (self.query, self.key, self.value))
         # boolean mask straight into SDPA, as transformers' default sdpa path (its eager path adds the bool as 0/1
         # and so loses the phrase masking: spec P2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5)  # (B, nH, T, hD)
@@ -489,15 +466,9 @@ def image_position_embedding(mask: torch.Tensor, d_model: int, temperature: floa
     """(B, h, w) bool valid mask -> (B, d_model, h, w): DETR's normalised sine embedding, y features first."""
     y = mask.cumsum(1, dtype=torch.float32)
     x = mask.cumsum(2, dtype=torch.float32)
-    y = y / (y[:, -1:, :] + 1e-6) * (2 * math.pi)  # normalised by the valid height, so padding does not stretch it
-    x = x / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
-    n = d_model // 2
-    dim_t = torch.arange(n, dtype=torch.float32, device=mask.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / n)
-    px, py = x[:, :, :, None] / dim_t, y[:, :, :, None] / dim_t  # (B, h, w, n)
-    px = torch.stack((px[:, :, :, 0::2].sin(), px[:, :, :, 1::2].cos()), dim=4).flatten(3)  # (B, h, w, n) sin,cos,..
-    py = torch.stack((py[:, :, :, 0::2].sin(), py[:, :, :, 1::2].cos()), dim=4).flatten(3)  # (B, h, w, n)
-    return torch.cat((py, px), dim=3).permute(0, 3, 1, 2)  # (B, d_model, h, w)
+    # normalised by the valid height and width, so padding does not stretch it
+    xy = torch.stack((x / (x[:, :, -1:] + 1e-6), y / (y[:, -1:, :] + 1e-6)), -1)  # (B, h, w, 2)
+    return sine_embedding(xy, d_model // 2, temperature).permute(0, 3, 1, 2)  # (B, d_model, h, w)
 
 
 @dataclass
@@ -508,14 +479,12 @@ class Levels:
     pos: torch.Tensor  # (B, S, 256) sine position + level embedding
     shapes: list  # [(H_l, W_l)] * L
     valid_ratios: torch.Tensor  # (B, L, 2) fraction of each map that is image, (w, h)
-    maps: list = field(default_factory=list)  # the projected (B, 256, H_l, W_l) maps, for dumps
+    maps: list  # the projected (B, 256, H_l, W_l) maps, for dumps
 
 
 def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    _, h, w = mask.shape
-    vh = torch.sum(mask[:, :, 0], 1, dtype=torch.float32)
-    vw = torch.sum(mask[:, 0, :], 1, dtype=torch.float32)
-    return torch.stack([vw / w, vh / h], -1)  # (B, 2), (w, h) order
+    vh, vw = torch.sum(mask[:, :, 0], 1, dtype=torch.float32), torch.sum(mask[:, 0, :], 1, dtype=torch.float32)
+    return torch.stack([vw / mask.shape[2], vh / mask.shape[1]], -1)  # (B, 2), (w, h) order
 
 
 # -----------------------------------------------------------------------------
@@ -533,9 +502,8 @@ class MultiheadAttention(nn.Module):
     def forward(self, q_in, k_in, v_in, mask=None) -> torch.Tensor:
         B, T, d = q_in.shape
         hD = d // self.heads
-        q = self.query(q_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, T, hD)
-        k = self.key(k_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, Tk, hD)
-        v = self.value(v_in).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, Tk, hD)
+        q, k, v = (lin(x).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, T or Tk, hD)
+                   for lin, x in ((self.query, q_in), (self.key, k_in), (self.value, v_in)))
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hD)  # (B, nH, T, Tk)
         if mask is not None:
             scores = scores + mask
@@ -582,9 +550,8 @@ class BiAttention(nn.Module):
 class FusionLayer(nn.Module):
     def __init__(self, cfg: GroundingDinoConfig):
         super().__init__()
-        d = cfg.d_model
-        self.layer_norm_vision = nn.LayerNorm(d, cfg.layer_norm_eps)
-        self.layer_norm_text = nn.LayerNorm(d, cfg.layer_norm_eps)
+        d, eps = cfg.d_model, cfg.layer_norm_eps
+        self.layer_norm_vision, self.layer_norm_text = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
         self.attn = BiAttention(d, cfg.encoder_ffn_dim // 2, cfg.encoder_attention_heads // 2)
         self.vision_param = nn.Parameter(torch.full((d,), 1e-4))  # layer scales (init 1e-4, learned)
         self.text_param = nn.Parameter(torch.full((d,), 1e-4))
@@ -598,11 +565,10 @@ class FusionLayer(nn.Module):
 class TextEnhancerLayer(nn.Module):
     def __init__(self, cfg: GroundingDinoConfig):
         super().__init__()
-        d = cfg.d_model
+        d, eps = cfg.d_model, cfg.layer_norm_eps
         self.self_attn = MultiheadAttention(d, cfg.encoder_attention_heads // 2)
         self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim // 2), nn.Linear(cfg.encoder_ffn_dim // 2, d)
-        self.layer_norm_before = nn.LayerNorm(d, cfg.layer_norm_eps)
-        self.layer_norm_after = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.layer_norm_before, self.layer_norm_after = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
 
     def forward(self, T, tpos, phrase_bias):
         qk = T + tpos  # position only on queries and keys
@@ -619,8 +585,7 @@ class DeformableAttention(nn.Module):
         self.heads, self.levels, self.points = heads, levels, points
         self.sampling_offsets = nn.Linear(d, heads * levels * points * 2)
         self.attention_weights = nn.Linear(d, heads * levels * points)
-        self.value_proj = nn.Linear(d, d)
-        self.output_proj = nn.Linear(d, d)
+        self.value_proj, self.output_proj = nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(self, query, value, value_mask, ref, shapes, backend="torch") -> torch.Tensor:
         B, Q, d = query.shape
@@ -704,11 +669,9 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
         vh, vw = torch.sum(~m[:, :, 0, 0], 1), torch.sum(~m[:, 0, :, 0], 1)
         kw = {"dtype": memory.dtype, "device": memory.device}
         gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, **kw), torch.linspace(0, w - 1, w, **kw), indexing="ij")
-        grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)  # (h, w, 2)
-        scale = torch.cat([vw.unsqueeze(-1), vh.unsqueeze(-1)], 1).view(B, 1, 1, 2)  # (B, 1, 1, 2) valid (w, h)
-        grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale  # (B, h, w, 2)
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
-        props.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, h*w, 4)
+        scale = torch.stack([vw, vh], -1).view(B, 1, 1, 2)  # (B, 1, 1, 2) valid (w, h)
+        grid = (torch.stack([gx, gy], -1).expand(B, -1, -1, -1) + 0.5) / scale  # (B, h, w, 2) cell centres
+        props.append(torch.cat((grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)), -1).view(B, -1, 4))  # (B, h*w, 4)
         start += h * w
     p = torch.cat(props, 1)  # (B, S, 4)
     ok = ((p > 0.01) & (p < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
@@ -757,11 +720,9 @@ class Decoder(nn.Module):
 
 class ContrastiveHead(nn.Module):
     """logits[q, t] = query . text token t, over the prompt's tokens, -inf elsewhere up to max_text_len.
-
     Grounding DINO: the plain dot product, no parameters. MM Grounding DINO / LLMDet (mmdet's
     ContrastiveEmbed(log_scale='auto', bias=True)): divided by sqrt(d) = 16 plus a learned scalar bias, which is why
-    their scores run lower and want thresholds of about 0.3-0.4.
-    """
+    their scores run lower and want thresholds of about 0.3-0.4."""
 
     def __init__(self, max_text_len: int, mm: bool):
         super().__init__()
@@ -773,9 +734,7 @@ class ContrastiveHead(nn.Module):
         if self.bias is not None:
             r = r / math.sqrt(queries.shape[-1]) + self.bias
         r = r.masked_fill(~text_mask[:, None, :], float("-inf"))  # [CLS], '.', [SEP] stay visible, as upstream
-        out = torch.full((*r.shape[:-1], self.max_text_len), float("-inf"), device=r.device)  # (B, Q, 256)
-        out[..., : r.shape[-1]] = r
-        return out
+        return F.pad(r, (0, self.max_text_len - r.shape[-1]), value=float("-inf"))  # (B, Q, 256)
 
 
 def box_logit(x: torch.Tensor) -> torch.Tensor:
@@ -847,13 +806,11 @@ class GroundingDino(nn.Module):
 
     def prepare_levels(self, maps: list[torch.Tensor], pixel_mask: torch.Tensor) -> Levels:
         """Backbone maps -> L projected maps flattened to (B, S, 256) with masks and position embeddings."""
-        srcs, masks = [], []
-        for lvl, m in enumerate(maps):
-            srcs.append(self.input_proj_vision[lvl](m))
+        srcs = [proj(m) for proj, m in zip(self.input_proj_vision, maps)]  # (B, 256, H_l, W_l) each
         for lvl in range(len(maps), self.cfg.num_feature_levels):
             srcs.append(self.input_proj_vision[lvl](maps[-1] if lvl == len(maps) else srcs[-1]))
-        for s in srcs:  # nearest-neighbour downsampling of the full-resolution mask (F.interpolate's default)
-            masks.append(F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0])  # (B, h, w)
+        # nearest-neighbour downsampling of the full-resolution mask (F.interpolate's default)
+        masks = [F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]  # (B,h,w)
         t = self.cfg.positional_embedding_temperature
         pos = [image_position_embedding(m, self.cfg.d_model, t) for m in masks]  # (B, 256, h, w) each
         return Levels(
@@ -871,8 +828,7 @@ class GroundingDino(nn.Module):
         img_pad, txt_pad = ~lv.mask, ~text["token_mask"]
         ref = encoder_reference_points(lv.shapes, lv.valid_ratios)  # (B, S, L, 2)
         tpos = sine_embedding(text["position_ids"][..., None].float(), self.cfg.d_model)  # (B, T, 256)
-        heads = self.cfg.encoder_attention_heads // 2
-        phrase = text["phrase_mask"][:, None].repeat(1, heads, 1, 1).float()  # (B, nH, T, T)
+        phrase = text["phrase_mask"][:, None].float()  # (B, 1, T, T): shared by the heads
         phrase_bias = (1.0 - phrase) * torch.finfo(phrase.dtype).min  # additive, as transformers
         for layer in self.encoder.layers:
             V, T = layer.fusion_layer(V, T, img_pad, txt_pad)
@@ -934,8 +890,8 @@ class GroundingDino(nn.Module):
             raise InputError(f"the prompt has {input_ids.shape[1]} tokens; the model reads at most "
                              f"{self.cfg.max_text_len}. Use model.detect(), which splits long label lists into chunks")
         assert input_ids.shape[0] == B, f"{input_ids.shape[0]} prompts for {B} images"
-        pixel_mask = torch.ones(B, H, W, dtype=torch.long, device=pixel_values.device) if pixel_mask is None \
-            else pixel_mask
+        if pixel_mask is None:
+            pixel_mask = torch.ones(B, H, W, dtype=torch.long, device=pixel_values.device)
         text = self.encode_text(input_ids, attention_mask, token_type_ids)  # features (B, T, 256)
         lv = self.prepare_levels(maps, pixel_mask)  # (B, S, 256) and layout
         memory, text_feats = self.encode(lv, text)  # (B, S, 256), (B, T, 256)
@@ -954,15 +910,6 @@ class GroundingDino(nn.Module):
 # 10. Post-processing, as transformers' GroundingDinoProcessor.post_process_grounded_object_detection
 
 
-def phrase_token_ids(probs: torch.Tensor, input_ids: torch.Tensor, text_threshold: float) -> list[list[int]]:
-    """Per kept query, the prompt's token ids scoring above text_threshold. Like transformers, column 0 ([CLS]) and
-    columns from max_text_len - 1 on are dropped; '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'."""
-    pos = probs > text_threshold  # (n, max_text_len)
-    pos[:, 0] = False
-    pos[:, pos.shape[-1] - 1:] = False
-    return [[int(input_ids[i]) for i in row.nonzero(as_tuple=True)[0].tolist()] for row in pos]
-
-
 def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, tokenizer,
                  threshold: float = 0.25, text_threshold: float = 0.25,
                  target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
@@ -970,20 +917,24 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
 
     score = max over the prompt's tokens of sigmoid(logit) ([CLS] and '.' included); a query is kept when score >
     threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
+    A label is the prompt's tokens scoring above text_threshold; like transformers, column 0 ([CLS]) and columns
+    from max_text_len - 1 on are dropped, while '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'.
     """
     probs = torch.sigmoid(logits)  # (B, Q, max_text_len)
     scores = torch.max(probs, dim=-1)[0]  # (B, Q)
     boxes = center_to_corners(pred_boxes)  # (B, Q, 4) xyxy in [0, 1]
     if target_sizes is not None:
-        h = torch.tensor([float(s[0]) for s in target_sizes])
-        w = torch.tensor([float(s[1]) for s in target_sizes])
-        boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
+        scale = torch.tensor([[float(w), float(h)] * 2 for h, w in target_sizes])  # (B, 4) w, h, w, h
+        boxes = boxes * scale[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
     results = []
     for b in range(logits.shape[0]):
         keep = scores[b] > threshold
-        ids = phrase_token_ids(probs[b][keep], input_ids[b], text_threshold)
+        pos = probs[b][keep] > text_threshold  # (n, max_text_len)
+        pos[:, 0] = False
+        pos[:, pos.shape[-1] - 1:] = False
+        token_ids = [[int(input_ids[b, i]) for i in row.nonzero(as_tuple=True)[0].tolist()] for row in pos]
         results.append({"scores": scores[b][keep], "boxes": boxes[b][keep],
-                        "labels": [tokenizer.decode(i, skip_special_tokens=False) for i in ids],
+                        "labels": [tokenizer.decode(t, skip_special_tokens=False) for t in token_ids],
                         "label_ids": phrase_ids(probs[b][keep], input_ids[b])})
     return results
 
@@ -1005,7 +956,7 @@ def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 # file key (after the prefix) -> our name: every matching rule rewrites it in turn; None drops the key on purpose.
 SWIN_RULES = [  # legacy (4.x Hub files) and 5.x names of the same tensors
     (r"^(swin\.)?layernorm\.", None),  # SwinModel's final norm: the backbone never uses it
-    (r"\.relative_position_index$", None),  # a constant buffer, recomputed
+    (r"\.relative_position_index$", None),  # a constant, recomputed in SwinBlock.forward
     (r"^(swin\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed."),
     (r"^(swin\.)?embeddings\.norm\.", "patch_norm."),
     (r"^(swin\.)?encoder\.layers\.(\d+)\.", r"stages.\2."),
@@ -1048,51 +999,31 @@ def key_map_for(cfg: GroundingDinoConfig):
     Every copy of layer i maps to our head i, or to our single head 0 when the config shares it; load_weights
     then checks that copies landing on one parameter are equal.
     """
-    share_box, share_cls = cfg.share_box, cfg.share_cls
-
     def key_map(key: str) -> str | None:
-        if key.startswith("model.backbone.conv_encoder.model."):
-            name = apply_rules(key[len("model.backbone.conv_encoder.model."):], SWIN_RULES)
-            return None if name is None else "backbone." + name
-        if key.startswith("model.text_backbone."):
-            name = apply_rules(key[len("model.text_backbone."):], BERT_RULES)
-            return None if name is None else "text_backbone." + name
+        for prefix, ours, rules in (("model.backbone.conv_encoder.model.", "backbone.", SWIN_RULES),
+                                    ("model.text_backbone.", "text_backbone.", BERT_RULES)):
+            if key.startswith(prefix):
+                name = apply_rules(key.removeprefix(prefix), rules)
+                return None if name is None else ours + name
         m = re.match(r"^(?:model\.decoder\.)?(bbox_embed|class_embed)\.(\d+)\.(.*)$", key)
         if m:
             head, i, rest = m.groups()
-            shared = share_box if head == "bbox_embed" else share_cls
+            shared = cfg.share_box if head == "bbox_embed" else cfg.share_cls
             return f"{head}.{0 if shared else int(i)}.{rest}"
-        if key.startswith("model."):
-            return key[len("model."):]  # the body: our names are transformers' names
-        return key
+        return key.removeprefix("model.")  # the body: our names are transformers' names
 
     return key_map
 
 
 def read_preprocessor(folder: Path) -> dict:
-    p = {"shortest": 800, "longest": 1333, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     f = folder / "preprocessor_config.json"
-    if f.is_file():
-        try:
-            c = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise LoadError(f"cannot read {f}: {e}") from None
-        size = c.get("size") or {}
-        p["shortest"] = size.get("shortest_edge", p["shortest"])
-        p["longest"] = size.get("longest_edge", c.get("max_size", p["longest"]))
-        p["mean"], p["std"] = tuple(c.get("image_mean", p["mean"])), tuple(c.get("image_std", p["std"]))
-    return p
-
-
-def stored_shapes(files: Sequence[Path]) -> dict[str, tuple]:
-    """Key -> shape from the safetensors headers, without reading the tensors."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
-    return shapes
+    try:
+        c = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot read {f}: {e}") from None
+    size = c.get("size") or {}
+    return {"shortest": size.get("shortest_edge", 800), "longest": size.get("longest_edge", c.get("max_size", 1333)),
+            "mean": tuple(c.get("image_mean", IMAGENET_MEAN)), "std": tuple(c.get("image_std", IMAGENET_STD))}
 
 
 def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "torch") -> GroundingDino:
@@ -1100,11 +1031,14 @@ def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backe
     cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
     files = common.weight_files(folder)
     bias_shape = ()
-    if cfg.is_mm:  # MM files vary in two ways the config cannot tell; the headers can
-        from safetensors import SafetensorError
+    if cfg.is_mm:  # MM files vary in two ways the config cannot tell; the safetensors headers can
+        from safetensors import SafetensorError, safe_open
 
+        shapes = {}  # key -> shape, without reading the tensors
         try:
-            shapes = stored_shapes(files)
+            for f in files:
+                with safe_open(str(f), framework="pt") as sf:
+                    shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
         except (OSError, SafetensorError):  # unreadable: load_weights below says so by name
             shapes = {}
         layers = {m.group(1) for k in shapes if (m := re.match(r"^(?:model\.decoder\.)?(\w+_embed)\.[1-9]", k))}
@@ -1112,14 +1046,10 @@ def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backe
             cfg.decoder_bbox_embed_share = "bbox_embed" not in layers
         if cfg.decoder_cls_embed_share is None:
             cfg.decoder_cls_embed_share = "class_embed" not in layers
-        bias_shape = next((s for k, s in shapes.items() if k.endswith("class_embed.bias") or
-                           re.search(r"class_embed\.\d+\.bias$", k)), ())
+        bias_shape = next((s for k, s in shapes.items() if re.search(r"class_embed(\.\d+)?\.bias$", k)), ())
     with torch.device("meta"):  # no random init of 172M+ parameters that the checkpoint overwrites anyway
         model = GroundingDino(cfg, backend=backend)
     model = model.to_empty(device="cpu")
-    for block in model.modules():  # the one buffer that is not in the checkpoint: recompute it
-        if isinstance(block, SwinBlock):
-            block.relative_position_index = relative_position_index(block.ws)
     if bias_shape == (1,):  # some converters store the scalar class bias as (1,): broadcasting makes it the same
         for head in [model.encoder_output_class_embed, *model.class_embed]:
             head.bias = nn.Parameter(torch.zeros(1))
@@ -1170,8 +1100,7 @@ def prompts_per_image(prompts, n: int) -> list:
         return [prompts] * n
     if isinstance(prompts, (list, tuple)) and not prompts:
         raise InputError("the prompt list is empty; give labels like ['a cat', 'a remote control']")
-    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts) \
-            and not any("." in p for p in prompts):
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) and "." not in p for p in prompts):
         return [list(prompts)] * n
     if isinstance(prompts, (list, tuple)) and len(prompts) == n:
         return list(prompts)
@@ -1198,9 +1127,9 @@ def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
     if not images:
         raise InputError("no images given")
     chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len) for p in prompts_per_image(prompts, len(images))]
-    pp, results = self.preprocessor, []
+    results = []
     for img, image_chunks in zip(images, chunks):
-        pixel_values, pixel_mask, sizes = preprocess_images([img], pp["shortest"], pp["longest"], pp["mean"], pp["std"])
+        pixel_values, pixel_mask, sizes = preprocess_images([img], **self.preprocessor)
         dev = self.level_embed.device
         pixel_values, pixel_mask = pixel_values.to(dev), pixel_mask.to(dev)
         maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
@@ -1257,10 +1186,8 @@ def main() -> int:
     if args.save:
         common.draw_detections(image, r["boxes"], r["labels"], r["scores"], args.save)
     if args.dump:
-        pp = model.preprocessor
-        pixel_values, pixel_mask, _ = preprocess_images([image], pp["shortest"], pp["longest"], pp["mean"], pp["std"])
-        chunks = chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)
-        tok = tokenize(model.tokenizer, chunks[:1])
+        pixel_values, pixel_mask, _ = preprocess_images([image], **model.preprocessor)
+        tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)[:1])
         out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
                     return_stages=True)
         common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
