@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,12 +47,13 @@ def timed(fns, runs: int) -> list[list[float]]:
 # Each model: build ours and theirs on one checkpoint, their inputs, and our stage-by-stage calls
 
 
-def dfine_case(size: str):
+def dfine_case(size: str, build=("ours", "theirs")):
     import dfine
     from dfine_reference import checkpoint, hf_model
 
     folder = checkpoint(size)
-    ours, theirs = dfine.DFine.from_pretrained(folder), hf_model(folder)
+    ours = dfine.DFine.from_pretrained(folder) if "ours" in build else None
+    theirs = hf_model(folder) if "theirs" in build else None
     px = dfine.preprocess([common.load_image(CATS)])
 
     def stages():
@@ -72,7 +72,7 @@ def dfine_case(size: str):
     return ours, lambda: ours(px), lambda: theirs(pixel_values=px), stages
 
 
-def gdino_case(name: str):
+def gdino_case(name: str, build=("ours", "theirs")):
     import gdino
     import gdino_reference as R
     from conftest import hub_config
@@ -80,9 +80,11 @@ def gdino_case(name: str):
     # the tests' own reference checkpoints (same cache): tiny in the Hub's key layout, MM tiny as built
     folder = (R.checkpoint("gdino-tiny", hub_config(GDINO_CONFIGS[name]), hub_layout=True) if name == "gdino-tiny"
               else R.checkpoint(f"mm-{GDINO_CONFIGS[name]}", hub_config(GDINO_CONFIGS[name])))
-    ours, theirs = gdino.GroundingDino.from_pretrained(folder), R.load(folder)
+    ours = gdino.GroundingDino.from_pretrained(folder) if "ours" in build else None
+    theirs = R.load(folder) if "theirs" in build else None
     pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS])  # 800x1066, as the Hub processor
-    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, **gdino.tokenize(ours.tokenizer, [PROMPT])}
+    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask,
+              **gdino.tokenize(gdino.load_tokenizer(folder), [PROMPT])}
 
     def stages():
         t, clock = {}, time.perf_counter()
@@ -109,8 +111,8 @@ def gdino_case(name: str):
     return ours, lambda: ours(**inputs), lambda: theirs(**inputs), stages
 
 
-def case(name: str):
-    return dfine_case(name.split("-")[1]) if name.startswith("dfine-") else gdino_case(name)
+def case(name: str, build=("ours", "theirs")):
+    return dfine_case(name.split("-")[1], build) if name.startswith("dfine-") else gdino_case(name, build)
 
 
 # -----------------------------------------------------------------------------
@@ -118,10 +120,13 @@ def case(name: str):
 
 
 def rss_child(name: str, impl: str) -> None:
-    ours, run_ours, run_theirs, _ = case(name)
+    """Build only `impl`, run it once, report the process's peak resident memory. VmHWM, not ru_maxrss: on Linux
+    ru_maxrss survives exec, so a child would report its parent's peak."""
+    _, run_ours, run_theirs, _ = case(name, build=(impl,))
     with torch.inference_mode():
         (run_ours if impl == "ours" else run_theirs)()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def peak_rss(name: str, impl: str) -> float:
@@ -176,6 +181,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="D-FINE nano, 2 runs, no RSS: a smoke test")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak RSS of ours and theirs")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,6 +189,10 @@ def main() -> int:
         rss_child(*args.rss_child)
         return 0
     names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}" for s in DFINE_SIZES)]
+    if args.rss_only:
+        for n in names:
+            print(f"{n:<14} peak RSS ours {peak_rss(n, 'ours'):.0f} MB, transformers {peak_rss(n, 'theirs'):.0f} MB")
+        return 0
     if args.quick:
         names, args.runs, args.no_rss = ["dfine-n"], 2, True
     rows = [bench(n, args.runs, not args.no_rss) for n in names]
