@@ -277,6 +277,12 @@ def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # -----------------------------------------------------------------------------
 # 3. Swin backbone (Liu et al. 2021): shifted-window attention; maps taken before each stage's downsampling
 
+# Where tokens are independent of each other (MLPs, projections, deformable sampling of a given value map), the
+# backbone and the encoder run them TOKEN_CHUNK at a time: the same numbers (a GEMM row doesn't depend on the other
+# rows; tested bit for bit), but no (S, 2048)-sized temporaries: at 800x1066 those are 73-146 MB each, which the
+# allocator maps and pages in afresh on every call (measured: a quarter of the encoder's time went to page faults).
+TOKEN_CHUNK = 2048
+
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     B, H, W, C = x.shape
@@ -338,7 +344,8 @@ class SwinBlock(nn.Module):
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
         x = x + y[:, :h, :w].contiguous().view(B, h * w, C)  # (B, h*w, C): window padding cropped
-        return self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))) + x  # exact-erf GELU
+        return torch.cat([self.fc2(F.gelu(self.fc1(self.layernorm_after(c)))) + c  # exact-erf GELU
+                          for c in x.split(TOKEN_CHUNK, 1)], 1)  # (B, h*w, C)
 
 
 class PatchMerging(nn.Module):
@@ -528,12 +535,12 @@ class BiAttention(nn.Module):
 
     def forward(self, v, t, img_pad, txt_pad):
         B, S, _ = v.shape
-        T, nH = t.shape[1], self.heads
-        q = self.heads_first(self.vision_proj(v) * self.hD ** -0.5)
-        k = self.heads_first(self.text_proj(t))
-        vv = self.heads_first(self.values_vision_proj(v))
-        vt = self.heads_first(self.values_text_proj(t))
-        A = torch.bmm(q, k.transpose(1, 2))  # (B*nH, S, T)
+        T, nH, chunks = t.shape[1], self.heads, v.split(TOKEN_CHUNK, 1)  # image tokens in chunks: see TOKEN_CHUNK
+        k = self.heads_first(self.text_proj(t))  # (B*nH, T, hD)
+        vt = self.heads_first(self.values_text_proj(t))  # (B*nH, T, hD)
+        A = torch.cat([torch.bmm(self.heads_first(self.vision_proj(c).mul_(self.hD ** -0.5)), k.transpose(1, 2))
+                       for c in chunks], 1)  # (B*nH, S, T)
+        vv = torch.cat([self.heads_first(self.values_vision_proj(c)) for c in chunks], 1)  # (B*nH, S, hD)
         # transformers subtracts the max over the whole tensor (all images, heads; before masking) and clamps to
         # +-50000: softmax-invariant in exact arithmetic, so we mirror it for identical rounding (and so an image's
         # result depends slightly on its batch-mates, as there)
@@ -542,9 +549,10 @@ class BiAttention(nn.Module):
         At = torch.clamp(At - torch.max(At, dim=-1, keepdim=True)[0], min=-50000, max=50000)
         At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH,1,S)
         A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH, 1, T)
-        dv = torch.bmm(A.softmax(-1), vt).view(B, nH, S, self.hD).transpose(1, 2).reshape(B, S, -1)  # (B, S, width)
         dt = torch.bmm(At.softmax(-1), vv).view(B, nH, T, self.hD).transpose(1, 2).reshape(B, T, -1)  # (B, T, width)
-        return self.out_vision_proj(dv), self.out_text_proj(dt)
+        dv = [torch.bmm(a, vt).view(B, nH, -1, self.hD).transpose(1, 2).reshape(B, a.shape[1], -1)  # (B, c, width)
+              for a in A.softmax(-1).split(TOKEN_CHUNK, 1)]
+        return torch.cat([self.out_vision_proj(x) for x in dv], 1), self.out_text_proj(dt)  # (B, S, d), (B, T, d)
 
 
 class FusionLayer(nn.Module):
@@ -587,11 +595,15 @@ class DeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(d, heads * levels * points)
         self.value_proj, self.output_proj = nn.Linear(d, d), nn.Linear(d, d)
 
-    def forward(self, query, value, value_mask, ref, shapes, backend="torch") -> torch.Tensor:
+    def project_value(self, value: torch.Tensor, value_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S, d) -> (B, S, nH, hD): the map every query samples from; padding zeroed after the bias."""
+        B, S, d = value.shape
+        return self.value_proj(value).masked_fill_(~value_mask[..., None], 0.0).view(B, S, self.heads, d // self.heads)
+
+    def forward(self, query, value, ref, shapes, backend="torch") -> torch.Tensor:
+        """query (B, Q, d), value from project_value (B, S, nH, hD) -> (B, Q, d)."""
         B, Q, d = query.shape
-        S, nH, L, P = value.shape[1], self.heads, self.levels, self.points
-        value = self.value_proj(value).masked_fill(~value_mask[..., None], 0.0)  # padding zeroed after the bias
-        value = value.view(B, S, nH, d // nH)  # (B, S, nH, hD)
+        nH, L, P = self.heads, self.levels, self.points
         off = self.sampling_offsets(query).view(B, Q, nH, L, P, 2)  # (B, Q, nH, L, P, 2)
         w = self.attention_weights(query).view(B, Q, nH, L * P).softmax(-1)  # (B, Q, nH, L*P): over levels and points
         if ref.shape[-1] == 2:  # encoder: a point per level, offsets in pixels of that level
@@ -614,8 +626,12 @@ class DeformableLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
 
     def forward(self, V, pos, mask, ref, shapes, backend):
-        V = self.self_attn_layer_norm(V + self.self_attn(V + pos, V, mask, ref, shapes, backend))
-        return self.final_layer_norm(V + self.fc2(F.relu(self.fc1(V))))
+        value = self.self_attn.project_value(V, mask)  # (B, S, nH, hD): the only step that needs every token
+        out = []
+        for v, p, r in zip(V.split(TOKEN_CHUNK, 1), pos.split(TOKEN_CHUNK, 1), ref.split(TOKEN_CHUNK, 1)):
+            v = self.self_attn_layer_norm(v + self.self_attn(v + p, value, r, shapes, backend))  # (B, c, d)
+            out.append(self.final_layer_norm(v + self.fc2(F.relu(self.fc1(v), inplace=True))))
+        return torch.cat(out, 1)  # (B, S, d)
 
 
 class EncoderLayer(nn.Module):
@@ -702,7 +718,8 @@ class DecoderLayer(nn.Module):
         q = h + qpos
         h = self.self_attn_layer_norm(h + self.self_attn(q, q, h))
         h = self.encoder_attn_text_layer_norm(h + self.encoder_attn_text(h + qpos, text, text, text_bias))
-        h = self.encoder_attn_layer_norm(h + self.encoder_attn(h + qpos, memory, mem_mask, ref, shapes, backend))
+        value = self.encoder_attn.project_value(memory, mem_mask)  # (B, S, nH, hD)
+        h = self.encoder_attn_layer_norm(h + self.encoder_attn(h + qpos, value, ref, shapes, backend))
         return self.final_layer_norm(h + self.fc2(F.relu(self.fc1(h))))
 
 
