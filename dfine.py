@@ -26,6 +26,7 @@ nH heads, hD head dim, d model width, K classes, N bins (max_num_bins = 32, so N
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass, field, fields
@@ -41,6 +42,20 @@ import common
 from common import InputError, center_to_corners, inverse_sigmoid
 
 ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}  # gelu is the exact erf form, as transformers
+
+
+def activate(act, x: torch.Tensor) -> torch.Tensor:
+    """act(x) in place when autograd is off and act can (x is then a fresh conv output): same values, no new buffer."""
+    return act(x, inplace=True) if act in (F.relu, F.silu) and not torch.is_grad_enabled() else act(x)
+
+
+@functools.lru_cache(maxsize=16)
+def once(fn, *args):
+    """fn(*args), computed once per distinct args (input size, dtype, device) and kept: the position embeddings and
+    anchors depend on the input size only. Made outside autograd and inference mode, so either may use them."""
+    with torch.inference_mode(False), torch.no_grad():
+        return fn(*args)
+
 
 # -----------------------------------------------------------------------------
 # 0. Config
@@ -162,8 +177,8 @@ class FrozenBatchNorm2d(nn.Module):
             self.register_buffer(name, torch.zeros(n))
 
     def forward(self, x):  # x: a conv output nothing else holds, so it is updated in place (same ops, same bits)
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()  # (1,C,1,1)
-        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale  # (1, C, 1, 1)
+        scale = (self.weight * (self.running_var + 1e-5).rsqrt())[:, None, None]  # (C, 1, 1)
+        bias = self.bias[:, None, None] - self.running_mean[:, None, None] * scale  # (C, 1, 1)
         return x.mul_(scale).add_(bias) if not torch.is_grad_enabled() else x * scale + bias
 
 
@@ -192,7 +207,7 @@ class ConvLayer(nn.Module):
     def forward(self, x):
         x = self.normalization(self.convolution(x))
         if self.act is not None:
-            x = self.act(x)
+            x = activate(self.act, x)
         return self.lab(x) if self.lab is not None else x
 
 
@@ -223,10 +238,10 @@ class Embedder(nn.Module):
 
     @staticmethod
     def pool(x):
-        """MaxPool2d(kernel 2, stride 1, ceil_mode=True), as the element-wise max of four shifted views: a max
+        """MaxPool2d(kernel 2, stride 1, ceil_mode=True) as the max of shifted views, rows then columns: a max
         rounds nothing, so the bits are the same, and it is 10x faster than the CPU pooling kernel."""
-        return torch.maximum(torch.maximum(x[..., :-1, :-1], x[..., :-1, 1:]),
-                             torch.maximum(x[..., 1:, :-1], x[..., 1:, 1:]))  # (B, C, H-1, W-1)
+        x = torch.maximum(x[..., :-1, :], x[..., 1:, :])  # (B, C, H-1, W): each row with the one below
+        return torch.maximum(x[..., :-1], x[..., 1:])  # (B, C, H-1, W-1)
 
     def forward(self, x):  # (B, 3, H, W)
         x = F.pad(self.stem1(x), (0, 1, 0, 1))  # (B, c1, H/2+1, W/2+1): pad right and bottom
@@ -311,7 +326,7 @@ class ConvNorm(nn.Module):
 
     def forward(self, x):
         x = self.norm(self.conv(x))
-        return self.act(x) if self.act is not None else x
+        return activate(self.act, x) if self.act is not None else x
 
 
 def input_proj(cin: int, cout: int, eps: float = 1e-5) -> nn.Sequential:
@@ -387,7 +402,7 @@ class RepVggBlock(nn.Module):
         self.act = ACT[cfg.activation_function]
 
     def forward(self, x):
-        return self.act(self.conv1(x) + self.conv2(x))
+        return activate(self.act, self.conv1(x) + self.conv2(x))
 
 
 class CSPRepLayer(nn.Module):
@@ -454,7 +469,7 @@ class HybridEncoder(nn.Module):
         for aifi, lvl in zip(self.aifi, self.cfg.encode_proj_layers):  # AIFI: only the coarsest map (N: 20x20)
             B, C, H, W = maps[lvl].shape
             x = maps[lvl].flatten(2).transpose(1, 2)  # (B, H*W, C), row-major tokens
-            pos = sincos_2d(H, W, C, self.cfg.positional_encoding_temperature, x.device).to(x.dtype)  # (1, H*W, C)
+            pos = once(sincos_2d, H, W, C, self.cfg.positional_encoding_temperature, x.device).to(x.dtype)  # (1,HW,C)
             for layer in aifi.layers:
                 x = layer(x, pos)
             maps[lvl] = x.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, C, H, W)
@@ -695,7 +710,7 @@ class DFine(nn.Module):
         if memory.shape[1] < self.cfg.num_queries:
             raise InputError(f"the input gives {memory.shape[1]} image tokens, fewer than the {self.cfg.num_queries} "
                              f"queries; use a larger input (dfine.preprocess makes 640x640)")
-        anchors, valid = make_anchors(shapes, memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
+        anchors, valid = once(make_anchors, tuple(shapes), memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
         out_mem = self.enc_output(valid.to(memory.dtype) * memory)  # (B, S, d): invalid tokens zeroed for the head
         enc_class = self.enc_score_head(out_mem)  # (B, S, K)
         enc_coord = self.enc_bbox_head(out_mem) + anchors  # (B, S, 4) logits, on all tokens as transformers
