@@ -31,6 +31,7 @@ import numba
 import numpy as np
 import torch
 from numba import cuda, njit, prange
+from numba.extending import intrinsic
 from torch.autograd.function import once_differentiable
 
 
@@ -47,15 +48,27 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 # -----------------------------------------------------------------------------
 # The sampling rule, shared by every kernel below (the readable version gets it from grid_sample, align_corners=False):
 #   - a location x on a level W pixels wide maps to pixel coordinate ix = x * W - 0.5, so pixel centres sit at +0.5
-#     (same for y with H). We compute it as grid_sample's CPU code does, ((2x - 1) + 1) * (W / 2) - 0.5, with the last
-#     multiply-add rounded once: torch's vectorised code fuses it (measured: rounding twice puts float32 samples 5e-6
-#     off at the encoder shape, once 4e-7); we round once by working in float64 (exact for float32). So a location on
-#     a pixel centre also falls on the same side of the floor, where the gradient jumps (both take the right piece);
+#     (same for y with H), rounded as in grid_sample (below), so a location on a pixel centre falls on the same side
+#     of the floor as there, where the gradient jumps (both take the right piece);
 #   - bilinear between the neighbours x0 = floor(ix), x0 + 1 and y0 = floor(iy), y0 + 1 with weights
 #     nw (1-fy)(1-fx), ne (1-fy)fx, sw fy(1-fx), se fy fx, where fx = ix - x0 and fy = iy - y0;
 #   - a neighbour outside the map reads as zero and gets no gradient. A location with ix < -1, ix >= W, iy < -1 or
 #     iy >= H has no neighbour inside and is skipped; at ix = -1 exactly the east neighbours are inside with weight 0:
 #     they add nothing to the output but do to the location's gradient, as in grid_sample.
+# torch's rounding, copied by the CPU forward so that its float32 output equals the readable version's bit for bit
+# (one ulp off in a sample grows to 1e-4 in Grounding DINO's logits). x86 torch runs its AVX2 kernels (built with FMA:
+# GCC fuses a * b + c) for grid_sample and sum also on AVX512 CPUs, as REGISTER_DISPATCH leaves them no AVX512 slot
+# (ATen/native/DispatchStub.h). Other builds (DEFAULT, ARM) round otherwise.
+#   - grid_sample (ATen/native/cpu/GridSamplerKernel.cpp, ComputeLocationBase::unnormalize, ApplyGridSample):
+#     ix = fma(g + 1, W / 2, -0.5) with g = 2x - 1 (pixel() rounds it once through float64, exact for float32 x);
+#     weights rounded products; sample = fma(se, w_se, fma(sw, w_sw, fma(ne, w_ne, nw * w_nw))), outside read as 0;
+#   - sample * attention weight, rounded; then the sum over P (ATen/native/cpu/SumKernel.cpp, cascade_sum), in vectors
+#     of 32 bytes (width = 8 floats): whole vectors take turns over four vector sums (the last P // width % 4 go into
+#     sum 0), which add lane by lane as ((s0 + s1) + s2) + s3; a scalar adds up the tail past the last whole vector,
+#     then lanes 0, 1, ... (vectorized_inner_sum). For P < width four scalar sums take turns (scalar_inner_sum). So 16
+#     points add up as (x0 + x8) + (x1 + x9) + ... + (x7 + x15), 12 as x8 + x9 + x10 + x11 + x0 + x1 + ... + x7, left
+#     to right. From 512 float32 points on torch nests its sums a level deeper, which we do not copy.
+SUM_VECTOR_BYTES = 32  # torch's AVX2 vector, whose width sets its sum's order
 
 
 @njit(cache=True)
@@ -71,21 +84,47 @@ def pixel(x, size, t):
 # 1. Numba CPU
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c rounded once: LLVM's fma, which numba does not offer and LLVM never forms from a * b + c itself."""
+    return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
+
+
+@njit(cache=True)
+def sum_order(P, width):
+    """torch's sum of P numbers (see the rule) as (P,) the partial sum each number joins, in order: row
+    k * width + lane of vector sum k, or row 4 * width for the tail; and how many lanes and vector sums are in use."""
+    n_vec, slot = P // width, np.empty(P, np.int64)
+    for p in range(P):
+        if n_vec == 0:  # no whole vector: four scalar sums take turns, the last P % 4 numbers join sum 0
+            slot[p] = 0 if p >= P - P % 4 else (p % 4) * width
+        elif p >= n_vec * width:
+            slot[p] = 4 * width
+        else:  # whole vectors take turns over four vector sums, the last n_vec % 4 of them join sum 0
+            v = p // width
+            slot[p] = (0 if v >= n_vec - n_vec % 4 else v % 4) * width + p % width
+    return slot, (width if n_vec else 1), (4 if (n_vec if n_vec else P) >= 4 else 1)
+
+
 @njit(parallel=True, cache=True)
 def cpu_forward(value, levels, loc, attn, out):
     """out[b, q, h*hD + j] = sum over points p of attn[b, q, h, p] * bilinear sample of value[b, :, h, j] at p.
 
     One thread per (b, q) handles all heads: their channels sit side by side in value and out. Per head, first each
-    point's four neighbours (token, weight), then one loop over channels per point: keeping the index arithmetic
-    out of the channel loop, and four rows in its body, let LLVM vectorise it (1.3x faster than interleaving)."""
+    point's four neighbours (token, weight), then one loop over channels per point, which LLVM vectorises. Rounding
+    for rounding the readable version's arithmetic (see the rule): float32 outputs equal it bit for bit."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type  # typed constants keep float32 arithmetic float32 (a Python number would promote to float64)
+    width = SUM_VECTOR_BYTES // value.itemsize
+    slot_of, n_lanes, n_sums = sum_order(P, width)
     for bq in prange(B * Q):
         b, q = bq // Q, bq % Q
         tokens = np.empty((P, 4), np.int64)  # one head's points with a neighbour inside: nw, ne, sw, se
         weights = np.empty((P, 4), value.dtype)
         point_attn = np.empty(P, value.dtype)
+        slots = np.empty(P, np.int64)
+        sums = np.zeros((4 * width + 1, hD), value.dtype)  # torch's partial sums, kept at zero between heads
         for h in range(nH):
             n, p = 0, 0
             for lvl in range(levels.shape[0]):
@@ -93,7 +132,7 @@ def cpu_forward(value, levels, loc, attn, out):
                 for _ in range(n_points):
                     ix = pixel(loc[b, q, h, p, 0], W, t)
                     iy = pixel(loc[b, q, h, p, 1], H, t)
-                    if -1 <= ix < W and -1 <= iy < H:
+                    if -1 <= ix < W and -1 <= iy < H:  # a point outside adds a zero to its sum: nothing, skipped
                         x0, y0 = int(math.floor(ix)), int(math.floor(iy))  # exact: ix is in [-1, W)
                         fx, fy = ix - t(x0), iy - t(y0)
                         for corner in range(4):  # nw, ne, sw, se
@@ -104,17 +143,27 @@ def cpu_forward(value, levels, loc, attn, out):
                             tokens[n, corner] = start + min(max(yy, 0), H - 1) * W + min(max(xx, 0), W - 1)
                             wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
                             weights[n, corner] = wy * wx if inside else t(0)
-                        point_attn[n] = attn[b, q, h, p]
+                        point_attn[n], slots[n] = attn[b, q, h, p], slot_of[p]
                         n += 1
                     p += 1
-            acc = out[b, q, h * hD:(h + 1) * hD]  # (hD,) view: this head's output channels
-            acc[:] = 0
             for k in range(n):
                 nw, ne, sw, se = value[b, tokens[k, 0], h], value[b, tokens[k, 1], h], \
                     value[b, tokens[k, 2], h], value[b, tokens[k, 3], h]  # (hD,) each
                 w_nw, w_ne, w_sw, w_se, a = weights[k, 0], weights[k, 1], weights[k, 2], weights[k, 3], point_attn[k]
+                s = sums[slots[k]]  # (hD,)
                 for j in range(hD):
-                    acc[j] += (nw[j] * w_nw + ne[j] * w_ne + sw[j] * w_sw + se[j] * w_se) * a  # grid_sample's order
+                    s[j] += fma(se[j], w_se, fma(sw[j], w_sw, fma(ne[j], w_ne, nw[j] * w_nw))) * a
+            acc = out[b, q, h * hD:(h + 1) * hD]  # (hD,) view: this head's output channels
+            acc[:] = sums[4 * width]  # torch's order: the tail, then lane by lane ((s0 + s1) + s2) + s3, leaving
+            sums[4 * width] = 0  # every row at zero for the next head
+            for lane in range(n_lanes):
+                s0 = sums[lane]
+                for k in range(1, n_sums):
+                    sk = sums[k * width + lane]
+                    for j in range(hD):
+                        s0[j], sk[j] = s0[j] + sk[j], 0
+                for j in range(hD):
+                    acc[j], s0[j] = acc[j] + s0[j], 0
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})

@@ -1,10 +1,10 @@
 """kernels.py against the readable version (common.ms_deform_attn_torch): the output and all three gradients.
 
 float64 first and tight, 1e-10: the kernels and grid_sample do the same arithmetic and differ only in the order
-they add things up. Then float32 at 1e-5: the kernels round the pixel coordinate as grid_sample does (see the
-rule in kernels.py), but torch's compiled code fuses the multiply-adds of the bilinear sum where ours rounds twice,
-so the last bits differ (4.8e-7 at the encoder shape); 1e-5 leaves room for a torch build that fuses otherwise.
-The reference gradients come from torch autograd through the readable version.
+they add things up. Then float32 at 1e-5, except the CPU forward, which copies torch's rounding and order of adds
+(see the rule in kernels.py) and so equals the readable version bit for bit, which we check with torch.equal on the
+x86 builds of torch whose arithmetic the rule describes. The reference gradients come from torch autograd through
+the readable version.
 
 The CUDA kernels run under numba's simulator (NUMBA_ENABLE_CUDASIM=1, which must be set before numba is imported,
 hence a subprocess that runs this file) on tiny shapes, and on a real GPU at the real shapes (marked cuda).
@@ -91,13 +91,51 @@ def test_cpu_kernel_matches_readable(case, locations, dtype):
     assert_matches_readable(*CASES[case], dtype, locations)
 
 
-def test_float32_rounds_the_pixel_coordinate_like_grid_sample():
-    """On a wide map a pixel coordinate rounded twice (not fused as in grid_sample) is off by up to a few ulp of
-    x * W, which puts samples ~5e-6 off; rounded once as the kernels do, the output is within 1e-6."""
-    shapes, points = [(100, 134)], [4]
-    value, loc, attn = make_inputs(1, 500, 2, 8, shapes, points, torch.float32)
-    torch.testing.assert_close(kernels.ms_deform_attn(value, shapes, points, loc, attn),
-                               ms_deform_attn_torch(value, shapes, points, loc, attn), atol=1e-6, rtol=0)
+TORCH_X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # the builds whose rounding we copy
+
+
+@pytest.mark.skipif(not TORCH_X86, reason="the rule copies the rounding of torch's AVX2 kernels (also run on AVX512)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_sum_order_is_torchs(dtype):
+    """kernels.sum_order replays torch's CPU sum over a contiguous last axis, for every length below 64 vectors."""
+    width = kernels.SUM_VECTOR_BYTES // (4 if dtype == torch.float32 else 8)
+    g = torch.Generator().manual_seed(0)
+    for P in range(1, 64 * width):
+        x = (torch.randn(3, P, generator=g) * torch.randn(3, P, generator=g).mul(4).exp()).to(dtype)  # wide range
+        slot, n_lanes, n_sums = kernels.sum_order(P, width)
+        sums = torch.zeros(4 * width + 1, 3, dtype=dtype)
+        for p in range(P):
+            sums[slot[p]] += x[:, p]
+        total = sums[4 * width]
+        for lane in range(n_lanes):
+            for k in range(1, n_sums):
+                sums[lane] += sums[k * width + lane]
+            total = total + sums[lane]
+        assert torch.equal(total, x.sum(-1)), f"P = {P}"
+
+
+@pytest.mark.skipif(not TORCH_X86, reason="the rule copies the rounding of torch's AVX2 kernels (also run on AVX512)")
+def test_float32_forward_equals_readable_bit_for_bit():
+    """CASES, then a seeded loop over the models' point layouts and random ones (up to 36 points: vector sums and
+    tails), odd maps and one-pixel levels, B up to 2, at locations spread over and beyond the map and on pixel centres,
+    edges, 0 and 1; then a wide map, where a pixel coordinate rounded twice instead of once puts samples 5e-6 off."""
+    rng = np.random.default_rng(0)
+    layouts = [[4] * 4, [3, 6, 3], [6, 6]] + [[int(rng.integers(1, 10)) for _ in range(int(rng.integers(1, 5)))]
+                                             for _ in range(27)]
+    cases = list(CASES.values()) + [(*(int(rng.integers(1, k)) for k in (3, 9, 4, 9)),
+                                     [(int(rng.integers(1, 10)), int(rng.integers(1, 10))) for _ in points], points)
+                                    for points in layouts]
+    for n, (B, Q, nH, hD, shapes, points) in enumerate(cases):
+        for locations in ("spread", "special"):
+            value, loc, attn = make_inputs(B, Q, nH, hD, shapes, points, torch.float32, locations, seed=n)
+            ours = kernels.ms_deform_attn(value, shapes, points, loc, attn)
+            ref = ms_deform_attn_torch(value, shapes, points, loc, attn)
+            assert torch.equal(ours, ref), f"{shapes} {points} {locations}: max diff {(ours - ref).abs().max():.3g}"
+    for points in ([4], [16], [12]):
+        shapes = [(100, 134)]
+        value, loc, attn = make_inputs(2, 500, 2, 8, shapes, points, torch.float32)
+        assert torch.equal(kernels.ms_deform_attn(value, shapes, points, loc, attn),
+                           ms_deform_attn_torch(value, shapes, points, loc, attn)), f"{points} points on {shapes}"
 
 
 def test_cpu_kernel_gradcheck():
