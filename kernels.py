@@ -22,9 +22,6 @@ import argparse
 import math
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import numba
@@ -400,31 +397,6 @@ BENCH_SHAPES = [  # name, spatial shapes, Q, nH, hD, points per level (B = 1 thr
     ("D-FINE nano decoder", [(40, 40), (20, 20)], 300, 8, 16, [6, 6]),
 ]
 
-FIRST_CALL = """
-import time, torch
-t0 = time.perf_counter()
-import kernels
-t1 = time.perf_counter()
-from numba.core.registry import cpu_target
-cpu_target.target_context.refresh()  # numba's own start-up, paid once per process by any @njit function
-t2 = time.perf_counter()
-v = torch.randn(1, 6, 2, 4, requires_grad=True)
-loc = torch.rand(1, 3, 2, 4, 2, requires_grad=True)
-attn = torch.rand(1, 3, 2, 4, requires_grad=True)
-kernels.ms_deform_attn(v, [(2, 2), (1, 2)], [2, 2], loc, attn).sum().backward()
-print(t1 - t0, t2 - t1, time.perf_counter() - t2)
-"""
-
-
-def _first_call(cache_dir: str) -> list[float]:
-    """Seconds to import kernels, start numba, and run a first forward + backward, in a new process."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
-    here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, cwd=here, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return [float(x) for x in res.stdout.split()]
-
-
 def _bench_inputs(shapes, Q: int, nH: int, hD: int, points, encoder: bool, device: torch.device):
     """Inputs like the models': each point a few pixels (normal, sd 2) from its query's reference point, which is
     the query's own token centre in the encoder and a box centre anywhere on the image in a decoder. Where the
@@ -485,11 +457,6 @@ def bench(runs: int) -> None:
             print(f"{name:24}{dev:7}{pass_:9}{version:10}{statistics.median(t):11.2f}"
                   f"{f'{min(t):.2f}-{max(t):.2f}':>19}{f'{ratio:.1f}x':>10}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    with tempfile.TemporaryDirectory() as cache:
-        cold, warm = _first_call(cache), _first_call(cache)
-    print("new process, first float32 forward + backward (tiny shape), seconds:")
-    for what, (imp, start, call) in (("empty numba cache (compiles)", cold), ("warm numba cache", warm)):
-        print(f"  {what:30} import kernels {imp:.2f}, numba start-up {start:.2f}, first call {call:.3f}")
 
 
 if __name__ == "__main__":
