@@ -10,8 +10,8 @@ no detections give no labels (transformers returns one empty label).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
 model_type "mm-grounding-dino") from their config.json, tokenizer.json (or vocab.txt) and model.safetensors.
 Leaves out: training (losses, matcher, denoising, dropout, drop path), the timm/ResNet backbones, the single-stage
-(`two_stage=False`) variant, `output_attentions`, and the compiled deformable-attention kernel (common.py's
-readable one, or kernels.py with backend="numba").
+(`two_stage=False`) variant, `output_attentions`. Deformable attention is common.py's readable version or, by
+default on x86 CPUs, kernels.py's Numba kernel, which gives the same bits (common.resolve_backend).
 
 Stages, in the order `forward` runs them (section numbers are the notebook's):
   1. config             config.json -> GroundingDinoConfig (Swin and BERT sub-configs filled with their defaults)
@@ -600,7 +600,7 @@ class DeformableAttention(nn.Module):
         B, S, d = value.shape
         return self.value_proj(value).masked_fill_(~value_mask[..., None], 0.0).view(B, S, self.heads, d // self.heads)
 
-    def forward(self, query, value, ref, shapes, backend="torch") -> torch.Tensor:
+    def forward(self, query, value, ref, shapes, backend="auto") -> torch.Tensor:
         """query (B, Q, d), value from project_value (B, S, nH, hD) -> (B, Q, d)."""
         B, Q, d = query.shape
         nH, L, P = self.heads, self.levels, self.points
@@ -768,7 +768,7 @@ class GroundingDinoOutput:
 
 
 class GroundingDino(nn.Module):
-    def __init__(self, cfg: GroundingDinoConfig, backend: str = "torch"):
+    def __init__(self, cfg: GroundingDinoConfig, backend: str = "auto"):
         super().__init__()
         self.cfg, self.backend = cfg, backend
         d, L = cfg.d_model, cfg.num_feature_levels
@@ -797,8 +797,9 @@ class GroundingDino(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
-                        backend: str = "torch") -> GroundingDino:
-        """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11."""
+                        backend: str = "auto") -> GroundingDino:
+        """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11.
+        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one)."""
         return load_checkpoint(name_or_path, revision, backend)
 
     def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25) -> dict | list[dict]:
@@ -1043,7 +1044,8 @@ def read_preprocessor(folder: Path) -> dict:
             "mean": tuple(c.get("image_mean", IMAGENET_MEAN)), "std": tuple(c.get("image_std", IMAGENET_STD))}
 
 
-def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "torch") -> GroundingDino:
+def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "auto") -> GroundingDino:
+    common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
     folder = common.resolve_checkpoint(name_or_path, revision)
     cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
     files = common.weight_files(folder)
@@ -1183,7 +1185,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print detections as JSON")
     ap.add_argument("--dump", metavar="STAGES.safetensors",
                     help="save every stage's tensors (of the first chunk, for a prompt over 256 tokens)")
-    ap.add_argument("--backend", default="torch", choices=["torch", "numba"], help="deformable attention kernel")
+    ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
     args = ap.parse_args()
     check_threshold("--threshold", args.threshold)
     check_threshold("--text-threshold", args.text_threshold)
