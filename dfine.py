@@ -703,7 +703,10 @@ class DFine(nn.Module):
         proj = [p(m) for p, m in zip(self.encoder_input_proj, maps)]  # L x (B, C, H_l, W_l)
         return self.encoder(proj)
 
-    def select_queries(self, feats: list[torch.Tensor]) -> dict:
+    def select_queries(self, feats: list[torch.Tensor], every_token: bool = True) -> dict:
+        """The Q best tokens become the decoder's queries. every_token=False (forward without stages) runs the box head
+        on those Q tokens only, not on all S as transformers (row for row the same numbers, S/Q times less work), and
+        keeps none of the (B, S, .) head outputs."""
         feats = [p(f) for p, f in zip(self.decoder_input_proj, feats)]  # L x (B, d, H_l, W_l)
         shapes = [tuple(f.shape[2:]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)  # (B, S, d), fine to coarse
@@ -713,13 +716,14 @@ class DFine(nn.Module):
         anchors, valid = once(make_anchors, tuple(shapes), memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
         out_mem = self.enc_output(valid.to(memory.dtype) * memory)  # (B, S, d): invalid tokens zeroed for the head
         enc_class = self.enc_score_head(out_mem)  # (B, S, K)
-        enc_coord = self.enc_bbox_head(out_mem) + anchors  # (B, S, 4) logits, on all tokens as transformers
         topk = enc_class.max(-1).values.topk(self.cfg.num_queries, dim=1).indices  # (B, Q), best score first
-        ref_unact = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
         target = out_mem.gather(1, topk[..., None].expand(-1, -1, out_mem.shape[-1]))  # (B, Q, d)
-        return {"memory": memory, "spatial_shapes": shapes, "anchors": anchors, "valid_mask": valid,
-                "enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
-                "target": target, "init_reference_points": ref_unact}
+        ref_unact = self.enc_bbox_head(target) + anchors[0, topk]  # (B, Q, 4) box logits of the chosen tokens
+        q = {"memory": memory, "spatial_shapes": shapes}
+        if every_token:
+            q |= {"anchors": anchors, "valid_mask": valid, "enc_outputs_class": enc_class,
+                  "enc_outputs_coord_logits": self.enc_bbox_head(out_mem) + anchors}  # (B, S, 4)
+        return q | {"topk_indices": topk, "target": target, "init_reference_points": ref_unact}
 
     def forward(self, pixel_values: torch.Tensor, return_stages: bool = False) -> DFineOutput:
         B, C, H, W = pixel_values.shape if pixel_values.ndim == 4 else (0, 0, 1, 1)
@@ -731,7 +735,7 @@ class DFine(nn.Module):
         pixel_values = pixel_values.contiguous()  # a channels-last input would change conv rounding (see preprocess)
         maps = self.backbone(pixel_values)  # L x (B, C_l, H_l, W_l), strides 8/16/32
         feats = self.encode(maps)  # L x (B, C, H_l, W_l)
-        q = self.select_queries(feats)  # top-Q proposals from the encoder tokens
+        q = self.select_queries(feats, every_token=return_stages)  # top-Q proposals from the encoder tokens
         dec = self.decoder(q["target"], q["init_reference_points"], q["memory"], q["spatial_shapes"], self.backend)
         stages = None
         if return_stages:
