@@ -135,10 +135,6 @@ class GroundingDinoConfig:
         top = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and k not in ("backbone", "text")}
         return cls(backbone=known_fields(SwinConfig, bb), text=known_fields(BertConfig, tx), **top)
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> GroundingDinoConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     @property
     def is_mm(self) -> bool:
         return self.model_type == "mm-grounding-dino"
@@ -277,10 +273,10 @@ def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # -----------------------------------------------------------------------------
 # 3. Swin backbone (Liu et al. 2021): shifted-window attention; maps taken before each stage's downsampling
 
-# Where tokens are independent of each other (MLPs, projections, deformable sampling of a given value map), the
-# backbone and the encoder run them TOKEN_CHUNK at a time: the same numbers (a GEMM row doesn't depend on the other
-# rows; tested bit for bit), but no (S, 2048)-sized temporaries: at 800x1066 those are 73-146 MB each, which the
-# allocator maps and pages in afresh on every call (measured: a quarter of the encoder's time went to page faults).
+# Where tokens are independent (MLPs, projections, deformable sampling of a given value map) the backbone and the
+# encoder run TOKEN_CHUNK of them at a time: the same bits (a GEMM row doesn't depend on the other rows), but no
+# 73-146 MB (S, 1024-2048) temporaries, which the allocator would page in afresh on every call (page faults were a
+# quarter of the encoder's time).
 TOKEN_CHUNK = 2048
 
 
@@ -511,9 +507,9 @@ class MultiheadAttention(nn.Module):
         hD = d // self.heads
         q, k, v = (lin(x).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, T or Tk, hD)
                    for lin, x in ((self.query, q_in), (self.key, k_in), (self.value, v_in)))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hD)  # (B, nH, T, Tk)
+        scores = torch.matmul(q, k.transpose(-1, -2)).div_(math.sqrt(hD))  # (B, nH, T, Tk)
         if mask is not None:
-            scores = scores + mask
+            scores += mask
         out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()  # (B, T, nH, hD)
         return self.out_proj(out.view(B, T, d))  # (B, T, d)
 

@@ -135,7 +135,7 @@ def test_every_hub_config_is_one_of_the_tested_layouts():
 
 def test_minimal_real_config_gets_swin_and_bert_defaults():
     """The real Hub config.json lists only depths/heads/out_features for Swin and nothing for BERT."""
-    cfg = gdino.GroundingDinoConfig.from_json(R.TOKENIZER_DIR / "config.json")
+    cfg = gdino.GroundingDinoConfig.from_dict(json.loads((R.TOKENIZER_DIR / "config.json").read_text()))
     assert (cfg.backbone.embed_dim, cfg.backbone.window_size, cfg.text.hidden_size, cfg.text.num_hidden_layers) == \
         (96, 7, 768, 12)
     assert cfg == gdino.GroundingDinoConfig.from_dict(hub_config("grounding-dino-tiny"))
