@@ -5,8 +5,7 @@ Mirrors transformers 5.23 `DFineForObjectDetection` (modeling_d_fine.py, modelin
 image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints as they are:
 `ustc-community/dfine-{nano,small,medium,large,xlarge}-coco`, `dfine-{small,medium,large,xlarge}-obj365` (366
 classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Left out: training (losses, denoising
-queries, dropout),
-the unused "discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
+queries, dropout), the unused "discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
   0. config            config.json -> a flat dataclass
@@ -177,8 +176,8 @@ class FrozenBatchNorm2d(nn.Module):
             self.register_buffer(name, torch.zeros(n))
 
     def forward(self, x):  # x: a conv output nothing else holds, so it is updated in place (same ops, same bits)
-        scale = (self.weight * (self.running_var + 1e-5).rsqrt())[:, None, None]  # (C, 1, 1)
-        bias = self.bias[:, None, None] - self.running_mean[:, None, None] * scale  # (C, 1, 1)
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()  # (C,)
+        scale, bias = scale.view(-1, 1, 1), (self.bias - self.running_mean * scale).view(-1, 1, 1)  # (C, 1, 1) each
         return x.mul_(scale).add_(bias) if not torch.is_grad_enabled() else x * scale + bias
 
 
