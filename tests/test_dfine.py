@@ -138,6 +138,29 @@ def test_detect_matches_transformers_postprocessing(pair):
         assert m["names"] == [ours.cfg.id2label[int(i)] for i in t["labels"]]
 
 
+def test_fast_keeps_the_detections(pair):
+    """fast=True (batch norms folded into the convs, channels-last convs) rounds differently before the top-k, so
+    tokens whose encoder scores tie may swap at the 300th place and the queries may come in another order. What it
+    keeps: only such ties swap, and every query both models pick has the same logits and boxes (1e-4; measured 5e-5
+    and 2e-6)."""
+    size, _, hf = pair
+    fast = dfine.DFine.from_pretrained(checkpoint(size), fast=True)
+    assert fast.decoder.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # folded in float64, back to float32
+    for case, px in inputs().items():
+        with torch.no_grad():
+            theirs, out = hf(pixel_values=px), fast(px, return_stages=True)
+        score = theirs.enc_outputs_class.max(-1).values  # (B, S): transformers' token scores
+        for b, (ours_q, their_q) in enumerate(zip(out.stages["topk_indices"].tolist(),
+                                                  score.topk(fast.cfg.num_queries, dim=1).indices.tolist())):
+            kth = score[b, their_q[-1]]
+            swapped = set(ours_q) ^ set(their_q)
+            assert all(abs(score[b, q] - kth) < 1e-4 for q in swapped), f"{size} {case}: a swap that is not a tie"
+            pos = {q: j for j, q in enumerate(their_q)}
+            i, j = zip(*[(i, pos[q]) for i, q in enumerate(ours_q) if q in pos])  # the same query in each
+            assert_close(f"{size} {case} fast logits", out.logits[b, list(i)], theirs.logits[b, list(j)])
+            assert_close(f"{size} {case} fast boxes", out.pred_boxes[b, list(i)], theirs.pred_boxes[b, list(j)])
+
+
 def test_preprocess_matches_transformers_pil_processor():
     from transformers import RTDetrImageProcessorPil
 
