@@ -6,7 +6,7 @@ speed: the readable version copies each level's values into images, and grid_sam
 (B*nH, hD, Q, P), 290 MB at the Grounding DINO encoder shape, before it is weighted and summed; a kernel reads the
 four neighbours of each point and adds them straight into the output.
 
-1. Numba CPU: one thread per query, all heads of it together; backward one thread per (batch, head), no atomics
+1. Numba CPU: forward threads take blocks of queries, all heads together; backward one thread per (batch, head)
 2. Numba CUDA: forward one thread per output channel, backward one thread per point with atomic adds into the
    value gradient; launch functions take device arrays (numba's, or anything with __cuda_array_interface__)
 3. autograd Function and the entry point ms_deform_attn (torch tensors in, torch tensors out); `--bench`
@@ -27,7 +27,9 @@ import time
 import numba
 import numpy as np
 import torch
-from numba import cuda, njit, prange
+from llvmlite import ir
+from numba import cuda, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 from torch.autograd.function import once_differentiable
 
@@ -50,7 +52,7 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #   - bilinear between the neighbours x0 = floor(ix), x0 + 1 and y0 = floor(iy), y0 + 1 with weights
 #     nw (1-fy)(1-fx), ne (1-fy)fx, sw fy(1-fx), se fy fx, where fx = ix - x0 and fy = iy - y0;
 #   - a neighbour outside the map reads as zero and gets no gradient. A location with ix < -1, ix >= W, iy < -1 or
-#     iy >= H has no neighbour inside and is skipped; at ix = -1 exactly the east neighbours are inside with weight 0:
+#     iy >= H has no neighbour inside and adds nothing; at ix = -1 exactly the east neighbours are inside with weight 0:
 #     they add nothing to the output but do to the location's gradient, as in grid_sample.
 # torch's rounding, copied by the CPU forward so that its float32 output equals the readable version's bit for bit
 # (one ulp off in a sample grows to 1e-4 in Grounding DINO's logits). x86 torch runs its AVX2 kernels (built with FMA:
@@ -64,8 +66,9 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #     sum 0), which add lane by lane as ((s0 + s1) + s2) + s3; a scalar adds up the tail past the last whole vector,
 #     then lanes 0, 1, ... (vectorized_inner_sum). For P < width four scalar sums take turns (scalar_inner_sum). So 16
 #     points add up as (x0 + x8) + (x1 + x9) + ... + (x7 + x15), 12 as x8 + x9 + x10 + x11 + x0 + x1 + ... + x7, left
-#     to right. From 512 float32 points on torch nests its sums a level deeper, which we do not copy.
+#     to right (sum_plan). From 512 float32 points on torch nests its sums a level deeper, which we do not copy.
 SUM_VECTOR_BYTES = 32  # torch's AVX2 vector, whose width sets its sum's order
+QUERY_BLOCK = 64  # queries per task of the CPU forward, whose scratch arrays are allocated once per task
 
 
 @njit(cache=True)
@@ -87,80 +90,93 @@ def fma(typingctx, a, b, c):
     return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
 
 
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to start loading the cache line of array[index]: LLVM's prefetch (a read, kept in every cache)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, cgutils.unpack_tuple(builder, args[1]))
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        builder.call(builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty), [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.none(array, index), codegen
+
+
 @njit(cache=True)
-def sum_order(P, width):
-    """torch's sum of P numbers (see the rule) as (P,) the partial sum each number joins, in order: row
-    k * width + lane of vector sum k, or row 4 * width for the tail; and how many lanes and vector sums are in use."""
-    n_vec, slot = P // width, np.empty(P, np.int64)
-    for p in range(P):
-        if n_vec == 0:  # no whole vector: four scalar sums take turns, the last P % 4 numbers join sum 0
-            slot[p] = 0 if p >= P - P % 4 else (p % 4) * width
-        elif p >= n_vec * width:
-            slot[p] = 4 * width
-        else:  # whole vectors take turns over four vector sums, the last n_vec % 4 of them join sum 0
-            v = p // width
-            slot[p] = (0 if v >= n_vec - n_vec % 4 else v % 4) * width + p % width
-    return slot, (width if n_vec else 1), (4 if (n_vec if n_vec else P) >= 4 else 1)
+def sum_plan(P, width):
+    """torch's sum of P numbers x_p (the rule) as steps (p, into, keep, add): into = (into if keep else 0) + ((other if
+    add else 0) + x_p), into 0 s, 1 r (other s) or 2 acc (other r), the result. acc adds the tail, then lane by lane
+    r = ((s_0 + s_1) + s_2) + s_3, s_k the lane's numbers in vector sum k: a sum's last number also adds the sum into
+    the next, so no sum takes a pass of its own (from 8 vectors on a lane may need one more step, adding x_P = 0)."""
+    lanes = width if P >= width else 1  # below one vector, four scalar sums take turns: one lane
+    n = P // lanes  # whole vectors (or numbers)
+    steps = [(p, 2, int(p > n * lanes), 0) for p in range(n * lanes, P)]  # the tail: acc = acc + x_p
+    for lane in range(lanes):
+        first = len(steps)
+        for k in range(4 if n >= 4 else 1):  # vectors take turns over four sums, the last n % 4 of them join sum 0
+            ps = [u * lanes + lane for u in range(n) if (0 if u >= n - n % 4 else u % 4) == k]
+            for i, p in enumerate(ps):
+                last = int(i == len(ps) - 1)
+                if k == 0 or len(ps) == 1:  # r = x_p, then r = r + x_p
+                    steps.append((p, 1, int(len(steps) > first), 0))
+                else:  # s = x_p, s = s + x_p, ..., r = r + (s + x_p)
+                    steps.append((p, last, int(i > 0), last))
+        if len(steps) == first or steps[-1][3]:  # none (P = 0), or the last one added s into r: add x_P = 0 too
+            steps.append((P, 1, int(len(steps) > first), 0))
+        p, _, keep, _ = steps[-1]
+        steps[-1] = (p, 2, int(first > 0), keep)  # the lane's last number: acc = acc + (r + x_p)
+    return steps
 
 
 @njit(parallel=True, cache=True)
 def cpu_forward(value, levels, loc, attn, out):
     """out[b, q, h*hD + j] = sum over points p of attn[b, q, h, p] * bilinear sample of value[b, :, h, j] at p.
 
-    One thread per (b, q) handles all heads: their channels sit side by side in value and out. Per head, first each
-    point's four neighbours (token, weight), then one loop over channels per point, which LLVM vectorises. Rounding
-    for rounding the readable version's arithmetic (see the rule): float32 outputs equal it bit for bit."""
+    Threads take blocks of queries, all heads of each (their channels sit side by side). Per head, each point's four
+    neighbours (token, weight), their rows prefetched, then a loop over channels per point in the order of torch's
+    sum (sum_plan), vectorised by LLVM. Rounding as the readable version's (the rule): float32 equals it bit for bit."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type  # typed constants keep float32 arithmetic float32 (a Python number would promote to float64)
-    width = SUM_VECTOR_BYTES // value.itemsize
-    slot_of, n_lanes, n_sums = sum_order(P, width)
-    for bq in prange(B * Q):
-        b, q = bq // Q, bq % Q
-        tokens = np.empty((P, 4), np.int64)  # one head's points with a neighbour inside: nw, ne, sw, se
-        weights = np.empty((P, 4), value.dtype)
-        point_attn = np.empty(P, value.dtype)
-        slots = np.empty(P, np.int64)
-        sums = np.zeros((4 * width + 1, hD), value.dtype)  # torch's partial sums, kept at zero between heads
-        for h in range(nH):
-            n, p = 0, 0
-            for lvl in range(levels.shape[0]):
-                H, W, start, n_points = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2], levels[lvl, 3]
-                for _ in range(n_points):
-                    ix = pixel(loc[b, q, h, p, 0], W, t)
-                    iy = pixel(loc[b, q, h, p, 1], H, t)
-                    if -1 <= ix < W and -1 <= iy < H:  # a point outside adds a zero to its sum: nothing, skipped
-                        x0, y0 = int(math.floor(ix)), int(math.floor(iy))  # exact: ix is in [-1, W)
-                        fx, fy = ix - t(x0), iy - t(y0)
-                        for corner in range(4):  # nw, ne, sw, se
-                            dy, dx = corner // 2, corner % 2
-                            xx, yy = x0 + dx, y0 + dy
-                            # a neighbour outside gets weight 0 and borrows a token inside: no branch per channel
-                            inside = 0 <= xx < W and 0 <= yy < H
-                            tokens[n, corner] = start + min(max(yy, 0), H - 1) * W + min(max(xx, 0), W - 1)
-                            wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
-                            weights[n, corner] = wy * wx if inside else t(0)
-                        point_attn[n], slots[n] = attn[b, q, h, p], slot_of[p]
-                        n += 1
-                    p += 1
-            for k in range(n):
-                nw, ne, sw, se = value[b, tokens[k, 0], h], value[b, tokens[k, 1], h], \
-                    value[b, tokens[k, 2], h], value[b, tokens[k, 3], h]  # (hD,) each
-                w_nw, w_ne, w_sw, w_se, a = weights[k, 0], weights[k, 1], weights[k, 2], weights[k, 3], point_attn[k]
-                s = sums[slots[k]]  # (hD,)
-                for j in range(hD):
-                    s[j] += fma(se[j], w_se, fma(sw[j], w_sw, fma(ne[j], w_ne, nw[j] * w_nw))) * a
-            acc = out[b, q, h * hD:(h + 1) * hD]  # (hD,) view: this head's output channels
-            acc[:] = sums[4 * width]  # torch's order: the tail, then lane by lane ((s0 + s1) + s2) + s3, leaving
-            sums[4 * width] = 0  # every row at zero for the next head
-            for lane in range(n_lanes):
-                s0 = sums[lane]
-                for k in range(1, n_sums):
-                    sk = sums[k * width + lane]
+    plan = sum_plan(P, SUM_VECTOR_BYTES // value.itemsize)
+    point_level = levels[np.repeat(np.arange(len(levels)), levels[:, 3])]  # (P, 4): each point's row of levels
+    z = t(-0.0)  # x + -0 is x for every x, -0 too: what a step adds for a sum it leaves out
+    for block in prange((B * Q + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        tokens, weights = np.zeros((P + 1, 4), np.int64), np.zeros((P + 1, 4), value.dtype)  # nw, ne, sw, se
+        r, s = np.empty(hD, value.dtype), np.empty(hD, value.dtype)  # sum_plan's running sums
+        for bq in range(block * QUERY_BLOCK, min((block + 1) * QUERY_BLOCK, B * Q)):
+            b, q = bq // Q, bq % Q
+            for h in range(nH):
+                for p in range(P):
+                    H, W, start = point_level[p, 0], point_level[p, 1], point_level[p, 2]
+                    ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
+                    if not (-1 <= ix < W and -1 <= iy < H):  # no neighbour inside: at (-1, -1) all four weigh 0
+                        ix, iy = t(-1), t(-1)
+                    x0, y0 = int(np.floor(ix)), int(np.floor(iy))  # exact, ix in [-1, W); math.floor would be a call
+                    fx, fy = ix - t(x0), iy - t(y0)
+                    # a neighbour outside weighs 0 and borrows a token inside: no branch per channel
+                    wx0, wx1 = (t(1) - fx if x0 >= 0 else t(0)), (fx if x0 + 1 < W else t(0))
+                    wy0, wy1 = (t(1) - fy if y0 >= 0 else t(0)), (fy if y0 + 1 < H else t(0))
+                    xa, xb = start + max(x0, 0), start + min(x0 + 1, W - 1)
+                    ya, yb = max(y0, 0) * W, min(y0 + 1, H - 1) * W
+                    tokens[p, 0], tokens[p, 1], tokens[p, 2], tokens[p, 3] = ya + xa, ya + xb, yb + xa, yb + xb
+                    w = weights[p]  # (4,) view: nw, ne, sw, se
+                    w[0], w[1], w[2], w[3] = wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1
+                    for corner in range(4):  # the row's first and last cache lines: all of it up to 128 bytes
+                        prefetch(value, (b, tokens[p, corner], h, 0))
+                        prefetch(value, (b, tokens[p, corner], h, hD - 1))
+                acc = out[b, q, h * hD:(h + 1) * hD]  # (hD,) view: this head's output channels
+                for p, into, keep, add in plan:
+                    # dst and o never the same array: LLVM's overlap checks pass and its vector loop runs
+                    dst, o = (acc, r) if into == 2 else ((r, s) if into == 1 else (s, r))
+                    nw, ne, sw, se = value[b, tokens[p, 0], h], value[b, tokens[p, 1], h], \
+                        value[b, tokens[p, 2], h], value[b, tokens[p, 3], h]  # (hD,) each
+                    w_nw, w_ne, w_sw, w_se = weights[p, 0], weights[p, 1], weights[p, 2], weights[p, 3]
+                    a_p = attn[b, q, h, p] if p < P else t(0)  # sum_plan's x_P = 0
                     for j in range(hD):
-                        s0[j], sk[j] = s0[j] + sk[j], 0
-                for j in range(hD):
-                    acc[j], s0[j] = acc[j] + s0[j], 0
+                        x = fma(se[j], w_se, fma(sw[j], w_sw, fma(ne[j], w_ne, nw[j] * w_nw))) * a_p
+                        dst[j] = (dst[j] if keep else z) + ((o[j] if add else z) + x)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})

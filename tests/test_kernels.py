@@ -96,22 +96,19 @@ TORCH_X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # the
 
 @pytest.mark.skipif(not TORCH_X86, reason="the rule copies the rounding of torch's AVX2 kernels (also run on AVX512)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_sum_order_is_torchs(dtype):
-    """kernels.sum_order replays torch's CPU sum over a contiguous last axis, for every length below 64 vectors."""
+def test_sum_plan_is_torchs(dtype):
+    """kernels.sum_plan, run step by step as the CPU forward runs it (here on (3,) rows, not (hD,)), adds up as
+    torch's CPU sum over a contiguous last axis, for every length below 64 vectors."""
     width = kernels.SUM_VECTOR_BYTES // (4 if dtype == torch.float32 else 8)
     g = torch.Generator().manual_seed(0)
     for P in range(1, 64 * width):
         x = (torch.randn(3, P, generator=g) * torch.randn(3, P, generator=g).mul(4).exp()).to(dtype)  # wide range
-        slot, n_lanes, n_sums = kernels.sum_order(P, width)
-        sums = torch.zeros(4 * width + 1, 3, dtype=dtype)
-        for p in range(P):
-            sums[slot[p]] += x[:, p]
-        total = sums[4 * width]
-        for lane in range(n_lanes):
-            for k in range(1, n_sums):
-                sums[lane] += sums[k * width + lane]
-            total = total + sums[lane]
-        assert torch.equal(total, x.sum(-1)), f"P = {P}"
+        x = torch.cat([x, torch.zeros(3, 1, dtype=dtype)], 1)  # number P: the 0 that some steps add
+        sums, z = [torch.zeros(3, dtype=dtype) for _ in range(3)], torch.full((3,), -0.0, dtype=dtype)  # s, r, acc
+        for p, into, keep, add in kernels.sum_plan(P, width):
+            other = sums[0] if into == 1 else sums[1]
+            sums[into] = (sums[into] if keep else z) + ((other if add else z) + x[:, p])
+        assert torch.equal(sums[2], x[:, :P].sum(-1)), f"P = {P}"
 
 
 @pytest.mark.skipif(not TORCH_X86, reason="the rule copies the rounding of torch's AVX2 kernels (also run on AVX512)")
@@ -131,7 +128,7 @@ def test_float32_forward_equals_readable_bit_for_bit():
             ours = kernels.ms_deform_attn(value, shapes, points, loc, attn)
             ref = ms_deform_attn_torch(value, shapes, points, loc, attn)
             assert torch.equal(ours, ref), f"{shapes} {points} {locations}: max diff {(ours - ref).abs().max():.3g}"
-    for points in ([4], [16], [12]):
+    for points in ([4], [16], [12], [70]):  # 70: vector sums of several vectors, sum_plan's extra step
         shapes = [(100, 134)]
         value, loc, attn = make_inputs(2, 500, 2, 8, shapes, points, torch.float32)
         assert torch.equal(kernels.ms_deform_attn(value, shapes, points, loc, attn),
