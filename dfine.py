@@ -545,7 +545,7 @@ class DeformableAttention(nn.Module):
         scale = torch.cat([torch.full((n,), 1.0 / n) for n in self.points])  # (P,): 1/n_l, level-major
         self.register_buffer("num_points_scale", scale)
 
-    def forward(self, query, ref, memory, spatial_shapes, backend="torch"):
+    def forward(self, query, ref, memory, spatial_shapes, backend="auto"):
         B, Q, _ = query.shape
         P = sum(self.points)
         value = memory.reshape(B, memory.shape[1], self.heads, -1)  # (B, S, nH, hD): no value projection
@@ -583,7 +583,7 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.act = ACT[cfg.decoder_activation_function]
 
-    def forward(self, h, pos, ref, memory, spatial_shapes, backend="torch"):  # h, pos (B, Q, d); ref (B, Q, 1, 4)
+    def forward(self, h, pos, ref, memory, spatial_shapes, backend="auto"):  # h, pos (B, Q, d); ref (B, Q, 1, 4)
         h = self.self_attn_layer_norm(h + self.self_attn(h, pos))
         x, loc, w = self.encoder_attn(h + pos, ref, memory, spatial_shapes, backend)
         h = self.gateway(h, x)
@@ -654,7 +654,7 @@ class Decoder(nn.Module):
         self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: 8 for X whatever config says (P2)
         self.register_buffer("up", torch.tensor([0.5]))
 
-    def forward(self, target, ref_unact, memory, spatial_shapes, backend="torch") -> dict:
+    def forward(self, target, ref_unact, memory, spatial_shapes, backend="auto") -> dict:
         project = weighting_function(self.max_num_bins, self.up, self.reg_scale)  # (N+1,)
         ref = torch.sigmoid(ref_unact)  # (B, Q, 4) cxcywh in [0, 1]
         h, prev_h, prev_corners = target, 0, 0
@@ -697,7 +697,7 @@ class DFineOutput:
 
 
 class DFine(nn.Module):
-    def __init__(self, cfg: DFineConfig, backend: str = "torch"):
+    def __init__(self, cfg: DFineConfig, backend: str = "auto"):
         super().__init__()
         self.cfg, self.backend = cfg, backend
         C, d = cfg.encoder_hidden_dim, cfg.d_model
@@ -796,13 +796,15 @@ class DFine(nn.Module):
         return self.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "torch",
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
                         fast: bool = False) -> "DFine":
         """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 8).
+        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
 
         fast=True: batch norms folded into the convs (fuse_batch_norms), convs channels-last; 0.7x (N) to 0.9x (X) the
         time on 2 cores, but other rounding: tokens whose encoder scores tie within 5e-5 may swap at the 300th place and
         queries may come in another order; a query both pick is within 5e-5 (logits), 2e-6 (boxes) of transformers."""
+        common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
         folder = common.resolve_checkpoint(name_or_path, revision)
         cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
         model = cls(cfg, backend)
@@ -880,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="ustc-community/dfine-large-coco", help="Hub id or local folder")
     ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     ap.add_argument("--threshold", type=float, default=0.5, help="keep detections with score > this")
-    ap.add_argument("--backend", default="torch", choices=["torch", "numba"], help="deformable attention kernel")
+    ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
     ap.add_argument("--fast", action="store_true", help="fold batch norms, channels-last convs: not bit-exact")
     ap.add_argument("--save", help="draw the detections of the first image into this PNG")
     ap.add_argument("--json", action="store_true", help="print JSON instead of one line per detection")
