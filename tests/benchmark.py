@@ -1,10 +1,12 @@
 """Speed and memory, ours next to transformers on the same weights and input: `python tests/benchmark.py`.
 
-For each model: the forward time of ours and of transformers in one process (median and min-max of --runs runs after
-one warm-up), their ratio, ours split by stage, the GFLOP/s ours achieves (FLOPs counted by torch's FlopCounterMode:
-matmuls and convolutions, not grid_sample or elementwise ops), and the peak RSS of each, each measured in a fresh
-process of its own. The weights are the tests' reference checkpoints (random, the real configs: same FLOPs as the
-real ones); nothing is timed inside pytest. `--quick` runs D-FINE nano once for a smoke test (tests/test_benchmark.py).
+For each model: the forward time of ours and of transformers in one process (median and min-max of --runs runs, taken
+in turns, each after an untimed run of the same model), their ratio, ours split by stage, the GFLOP/s ours achieves
+(FLOPs counted by torch's FlopCounterMode: matmuls and convolutions, not grid_sample or elementwise ops), and the peak
+RSS of each, each measured in a fresh process of its own. The weights are the tests' reference checkpoints (random,
+the real configs: same FLOPs as the real ones); nothing is timed inside pytest. `dfine-<size>-fast` rows time ours
+with fast=True (other rounding; see dfine.DFine.from_pretrained). `--quick` runs D-FINE nano twice for a smoke test
+(tests/test_benchmark.py).
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ GDINO_CONFIGS = {"gdino-tiny": "grounding-dino-tiny", "mm-gdino-tiny": "mm_groun
 
 
 def timed(fns, runs: int) -> list[list[float]]:
-    """Run the functions in turns (a, b, a, b, ...) so a change in the machine's load hits both alike."""
-    for fn in fns:
-        fn()  # warm-up: first-call allocations, lazy inits
+    """Run the functions in turns (a, b, a, b, ...) so a change in the machine's load hits both alike. Each timed
+    run follows an untimed run of the same function: the heap then has that model's own shape, not the other's
+    (right after the other model the same forward took up to 20% more or less time, from page faults)."""
     out = [[] for _ in fns]
     for _ in range(runs):
         for fn, times in zip(fns, out):
+            fn()  # settles the allocator for this model (and, the first time, first-call costs)
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
@@ -47,12 +50,12 @@ def timed(fns, runs: int) -> list[list[float]]:
 # Each model: build ours and theirs on one checkpoint, their inputs, and our stage-by-stage calls
 
 
-def dfine_case(size: str, build=("ours", "theirs")):
+def dfine_case(size: str, build=("ours", "theirs"), fast: bool = False):
     import dfine
     from dfine_reference import checkpoint, hf_model
 
     folder = checkpoint(size)
-    ours = dfine.DFine.from_pretrained(folder) if "ours" in build else None
+    ours = dfine.DFine.from_pretrained(folder, fast=fast) if "ours" in build else None
     theirs = hf_model(folder) if "theirs" in build else None
     px = dfine.preprocess([common.load_image(CATS)])
 
@@ -112,7 +115,10 @@ def gdino_case(name: str, build=("ours", "theirs")):
 
 
 def case(name: str, build=("ours", "theirs")):
-    return dfine_case(name.split("-")[1], build) if name.startswith("dfine-") else gdino_case(name, build)
+    """gdino-tiny, mm-gdino-tiny, dfine-<size>, or dfine-<size>-fast (ours with fast=True: other rounding)."""
+    if name.startswith("dfine-"):
+        return dfine_case(name.split("-")[1], build, fast=name.endswith("-fast"))
+    return gdino_case(name, build)
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +194,7 @@ def main() -> int:
     if args.rss_child:
         rss_child(*args.rss_child)
         return 0
-    names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}" for s in DFINE_SIZES)]
+    names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}{f}" for f in ("", "-fast") for s in DFINE_SIZES)]
     if args.rss_only:
         for n in names:
             print(f"{n:<14} peak RSS ours {peak_rss(n, 'ours'):.0f} MB, transformers {peak_rss(n, 'theirs'):.0f} MB")
