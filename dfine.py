@@ -801,9 +801,10 @@ class DFine(nn.Module):
         """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 8).
         backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
 
-        fast=True: batch norms folded into the convs (fuse_batch_norms), convs channels-last; 0.7x (N) to 0.9x (X) the
-        time on 2 cores, but other rounding: tokens whose encoder scores tie within 5e-5 may swap at the 300th place and
-        queries may come in another order; a query both pick is within 5e-5 (logits), 2e-6 (boxes) of transformers."""
+        fast=True: batch norms folded into the convs (fuse_batch_norms), convs channels-last; 0.6x (N) to 0.75x (X)
+        transformers' time on 2 cores (tests/benchmark.py), but other rounding: tokens whose encoder scores tie within
+        5e-5 may swap at the 300th place and queries may come in another order; a query both pick is within 5e-5
+        (logits), 2e-6 (boxes) of transformers."""
         common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
         folder = common.resolve_checkpoint(name_or_path, revision)
         cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))

@@ -1,12 +1,12 @@
 """Speed and memory, ours next to transformers on the same weights and input: `python tests/benchmark.py`.
 
 For each model: the forward time of ours and of transformers in one process (median and min-max of --runs runs, taken
-in turns, each after an untimed run of the same model), their ratio, ours split by stage, the GFLOP/s ours achieves
-(FLOPs counted by torch's FlopCounterMode: matmuls and convolutions, not grid_sample or elementwise ops), and the peak
-RSS of each, each measured in a fresh process of its own. The weights are the tests' reference checkpoints (random,
-the real configs: same FLOPs as the real ones); nothing is timed inside pytest. `dfine-<size>-fast` rows time ours
-with fast=True (other rounding; see dfine.DFine.from_pretrained). `--quick` runs D-FINE nano twice for a smoke test
-(tests/test_benchmark.py).
+in turns, each after an untimed run of the same model), their ratio (the median of each turn's ratio), ours split by
+stage, the GFLOP/s ours achieves (FLOPs counted by torch's FlopCounterMode: matmuls and convolutions, not grid_sample
+or elementwise ops), and the peak RSS of each, each measured in a fresh process of its own. The weights are the tests'
+reference checkpoints (random, the real configs: same FLOPs as the real ones); nothing is timed inside pytest.
+`dfine-<size>-fast` rows time ours with fast=True (other rounding; see dfine.DFine.from_pretrained). `--quick` runs
+D-FINE nano twice for a smoke test (tests/test_benchmark.py).
 """
 from __future__ import annotations
 
@@ -159,7 +159,9 @@ def bench(name: str, runs: int, rss: bool) -> dict:
     med = statistics.median(t_ours)
     row = {"model": name, "ours_s": med, "ours_min": min(t_ours), "ours_max": max(t_ours),
            "theirs_s": statistics.median(t_theirs), "theirs_min": min(t_theirs), "theirs_max": max(t_theirs),
-           "ratio": med / statistics.median(t_theirs), "gflop": gflop, "gflops": gflop / med,
+           # the ratio of each turn's two runs, which ran seconds apart: a slow spell of the machine cancels out
+           "ratio": statistics.median(pairs := [a / b for a, b in zip(t_ours, t_theirs)]),
+           "ratio_min": min(pairs), "ratio_max": max(pairs), "gflop": gflop, "gflops": gflop / med,
            "stages": {k: statistics.median(s[k] for s in split) for k in split[0]}}
     if rss:
         row["ours_rss_mb"], row["theirs_rss_mb"] = peak_rss(name, "ours"), peak_rss(name, "theirs")
@@ -167,14 +169,14 @@ def bench(name: str, runs: int, rss: bool) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, "
-          f"median of runs after warm-up")
-    print(f"{'model':<14} {'ours s (min-max)':>22} {'transformers s (min-max)':>26} {'ratio':>6} {'GFLOP':>7} "
-          f"{'GFLOP/s':>8} {'RSS ours/theirs MB':>19}")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, median of the turns")
+    print(f"{'model':<14} {'ours s (min-max)':>22} {'transformers s (min-max)':>26} {'ratio (min-max)':>17} "
+          f"{'GFLOP':>7} {'GFLOP/s':>8} {'RSS ours/theirs MB':>19}")
     for r in rows:
         rss = f"{r['ours_rss_mb']:.0f}/{r['theirs_rss_mb']:.0f}" if "ours_rss_mb" in r else "-"
         print(f"{r['model']:<14} {r['ours_s']:>8.3f} ({r['ours_min']:.3f}-{r['ours_max']:.3f}) "
-              f"{r['theirs_s']:>10.3f} ({r['theirs_min']:.3f}-{r['theirs_max']:.3f}) {r['ratio']:>6.2f} "
+              f"{r['theirs_s']:>10.3f} ({r['theirs_min']:.3f}-{r['theirs_max']:.3f}) "
+              f"{r['ratio']:>5.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
               f"{r['gflop']:>7.1f} {r['gflops']:>8.1f} {rss:>19}")
     print("\nours by stage (median s):")
     for r in rows:
