@@ -153,13 +153,38 @@ class GroundingDinoConfig:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLS, SEP, PAD, UNK = 101, 102, 0, 100
-DELIMITERS = (CLS, SEP, 1012, 1029)  # [CLS], [SEP], ".", "?": the tokens that close a phrase
+SHORTEST_EDGE, LONGEST_EDGE = 800, 1333  # the Hub preprocessors' resize, used where a checkpoint gives none
 
 
-def resized_size(h: int, w: int, shortest: int = 800, longest: int = 1333) -> tuple[int, int]:
-    """Shortest edge to 800 unless the longest would pass 1333; transformers truncates with int() (480x640 ->
-    800x1066, where mmdet rounds to 1067) and keeps the unrounded size for the long side."""
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids the model reads from the tokenizer's vocabulary (bert-base-uncased: 101, 102, 0, 100, 1012, 1029)."""
+    cls: int
+    sep: int
+    pad: int
+    unk: int
+    dot: int
+    question: int
+
+    @property
+    def delimiters(self) -> tuple[int, ...]:  # the tokens that close a phrase
+        return self.cls, self.sep, self.dot, self.question
+
+
+def special_tokens(tokenizer) -> SpecialTokens:
+    if tokenizer is None:
+        raise InputError("the model has no tokenizer; set model.tokenizer = gdino.load_tokenizer(FOLDER)")
+    names = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "dot": ".", "question": "?"}
+    ids = {k: tokenizer.token_to_id(t) for k, t in names.items()}
+    if None in ids.values():
+        raise LoadError(f"the tokenizer lacks {[names[k] for k, v in ids.items() if v is None]}; Grounding DINO needs "
+                        f"a BERT WordPiece vocabulary")
+    return SpecialTokens(**ids)
+
+
+def resized_size(h: int, w: int, shortest: int = SHORTEST_EDGE, longest: int = LONGEST_EDGE) -> tuple[int, int]:
+    """Shortest edge to `shortest` unless the longest would pass `longest`; transformers truncates with int()
+    (480x640 -> 800x1066, where mmdet rounds to 1067) and keeps the unrounded size for the long side."""
     size, raw = shortest, None
     if max(h, w) / min(h, w) * size > longest:
         raw = longest * min(h, w) / max(h, w)
@@ -171,7 +196,7 @@ def resized_size(h: int, w: int, shortest: int = 800, longest: int = 1333) -> tu
     return size, int((raw if raw is not None else size) * w / h)
 
 
-def preprocess_images(images: Sequence, shortest: int = 800, longest: int = 1333, mean=IMAGENET_MEAN,
+def preprocess_images(images: Sequence, shortest: int = SHORTEST_EDGE, longest: int = LONGEST_EDGE, mean=IMAGENET_MEAN,
                       std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Images (anything common.load_image reads) -> pixel_values (B, 3, H, W), pixel_mask (B, H, W) int64 with 1 on
     the image and 0 on the bottom/right zero padding, and each image's original (height, width)."""
@@ -237,19 +262,20 @@ def normalize_prompt(prompt: str | Sequence[str]) -> str:
 
 def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Texts -> input_ids, attention_mask, token_type_ids (B, T), padded with [PAD] as padding="longest" does."""
+    special = special_tokens(tokenizer)
     encs = [tokenizer.encode(t) for t in texts]
     for t, e in zip(texts, encs):
-        words = [i for i in e.ids if i not in DELIMITERS]
+        words = [i for i in e.ids if i not in special.delimiters]
         if not words:
             raise InputError(f"the prompt {t!r} has no words, only punctuation; give labels like 'a cat.'")
-        if all(i == UNK for i in words):
+        if all(i == special.unk for i in words):
             raise InputError(f"no word of the prompt {t!r} is in the vocabulary (all [UNK]); use English words")
-    ids = pad_sequence([torch.tensor(e.ids) for e in encs], batch_first=True, padding_value=PAD)  # (B, T)
+    ids = pad_sequence([torch.tensor(e.ids) for e in encs], batch_first=True, padding_value=special.pad)  # (B, T)
     mask = pad_sequence([torch.ones(len(e.ids), dtype=torch.long) for e in encs], batch_first=True)  # (B, T)
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sub-sentence self-attention mask (B, T, T), True = may attend, and per-phrase position ids (B, T).
 
     A phrase is the run of tokens up to and including its closing delimiter ('.', '?', [SEP]); its tokens see
@@ -257,7 +283,7 @@ def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     delimiter see only themselves, at position 0 (transformers' vectorised generate_masks_with_special_tokens...).
     """
     B, T = input_ids.shape
-    delim = torch.isin(input_ids, torch.tensor(DELIMITERS, device=input_ids.device))
+    delim = torch.isin(input_ids, torch.tensor(delimiters, device=input_ids.device))  # (B, T)
     idx = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
     prev = torch.cummax(torch.where(delim, idx, torch.full((), -1, device=idx.device)), dim=1)[0]
     prev = torch.cat([prev.new_full((B, 1), -1), prev[:, :-1]], dim=1)  # (B, T): last delimiter strictly before
@@ -272,13 +298,6 @@ def phrase_masks(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -----------------------------------------------------------------------------
 # 3. Swin backbone (Liu et al. 2021): shifted-window attention; maps taken before each stage's downsampling
-
-# Where tokens are independent (MLPs, projections, deformable sampling of a given value map) the backbone and the
-# encoder run TOKEN_CHUNK of them at a time: the same bits (a GEMM row doesn't depend on the other rows), but no
-# 73-146 MB (S, 1024-2048) temporaries, which the allocator would page in afresh on every call (page faults were a
-# quarter of the encoder's time).
-TOKEN_CHUNK = 2048
-
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     B, H, W, C = x.shape
@@ -340,8 +359,7 @@ class SwinBlock(nn.Module):
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
         x = x + y[:, :h, :w].contiguous().view(B, h * w, C)  # (B, h*w, C): window padding cropped
-        return torch.cat([self.fc2(F.gelu(self.fc1(self.layernorm_after(c)))) + c  # exact-erf GELU
-                          for c in x.split(TOKEN_CHUNK, 1)], 1)  # (B, h*w, C)
+        return x + self.fc2(F.gelu(self.fc1(self.layernorm_after(x))))  # exact-erf GELU
 
 
 class PatchMerging(nn.Module):
@@ -424,7 +442,7 @@ class BertLayer(nn.Module):
         q, k, v = (lin(x).view(B, T, -1, hD).transpose(1, 2)  # (B, nH, T, hD)
                    for lin in (self.query, self.key, self.value))
         # boolean mask straight into SDPA, as transformers' default sdpa path (its eager path adds the bool as 0/1
-        # and so loses the phrase masking: spec P2)
+        # to the scores, which masks nothing, so phrases would see each other there)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5)  # (B, nH, T, hD)
         a = a.transpose(1, 2).contiguous().reshape(B, T, -1).contiguous()  # (B, T, d)
         x = self.attention_norm(self.attention_dense(a) + x)
@@ -529,26 +547,28 @@ class BiAttention(nn.Module):
         x = x.view(B, n, self.heads, self.hD).transpose(1, 2).contiguous()  # (B, nH, n, hD)
         return x.view(B * self.heads, n, self.hD)  # (B*nH, n, hD)
 
+    def heads_last(self, x: torch.Tensor, B: int) -> torch.Tensor:
+        x = x.view(B, self.heads, -1, self.hD).transpose(1, 2)  # (B, n, nH, hD)
+        return x.reshape(B, x.shape[1], -1)  # (B, n, width)
+
     def forward(self, v, t, img_pad, txt_pad):
-        B, S, _ = v.shape
-        T, nH, chunks = t.shape[1], self.heads, v.split(TOKEN_CHUNK, 1)  # image tokens in chunks: see TOKEN_CHUNK
+        B, nH = v.shape[0], self.heads
+        q = self.heads_first(self.vision_proj(v) * self.hD ** -0.5)  # (B*nH, S, hD)
         k = self.heads_first(self.text_proj(t))  # (B*nH, T, hD)
+        vv = self.heads_first(self.values_vision_proj(v))  # (B*nH, S, hD)
         vt = self.heads_first(self.values_text_proj(t))  # (B*nH, T, hD)
-        A = torch.cat([torch.bmm(self.heads_first(self.vision_proj(c).mul_(self.hD ** -0.5)), k.transpose(1, 2))
-                       for c in chunks], 1)  # (B*nH, S, T)
-        vv = torch.cat([self.heads_first(self.values_vision_proj(c)) for c in chunks], 1)  # (B*nH, S, hD)
+        A = torch.bmm(q, k.transpose(1, 2))  # (B*nH, S, T): the one score matrix both directions use
         # transformers subtracts the max over the whole tensor (all images, heads; before masking) and clamps to
         # +-50000: softmax-invariant in exact arithmetic, so we mirror it for identical rounding (and so an image's
         # result depends slightly on its batch-mates, as there)
         A = torch.clamp(A - A.max(), min=-50000, max=50000)
-        At = A.transpose(1, 2)  # (B*nH, T, S)
+        At = A.transpose(1, 2)  # (B*nH, T, S): text tokens attend to image tokens
         At = torch.clamp(At - torch.max(At, dim=-1, keepdim=True)[0], min=-50000, max=50000)
         At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH,1,S)
         A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH, 1, T)
-        dt = torch.bmm(At.softmax(-1), vv).view(B, nH, T, self.hD).transpose(1, 2).reshape(B, T, -1)  # (B, T, width)
-        dv = [torch.bmm(a, vt).view(B, nH, -1, self.hD).transpose(1, 2).reshape(B, a.shape[1], -1)  # (B, c, width)
-              for a in A.softmax(-1).split(TOKEN_CHUNK, 1)]
-        return torch.cat([self.out_vision_proj(x) for x in dv], 1), self.out_text_proj(dt)  # (B, S, d), (B, T, d)
+        dv = torch.bmm(A.softmax(-1), vt)  # (B*nH, S, hD): image tokens gather text values
+        dt = torch.bmm(At.softmax(-1), vv)  # (B*nH, T, hD): text tokens gather image values
+        return self.out_vision_proj(self.heads_last(dv, B)), self.out_text_proj(self.heads_last(dt, B))
 
 
 class FusionLayer(nn.Module):
@@ -563,8 +583,6 @@ class FusionLayer(nn.Module):
     def forward(self, V, T, img_pad, txt_pad):
         v, t = self.layer_norm_vision(V), self.layer_norm_text(T)  # the residual starts from the normed inputs
         dv, dt = self.attn(v, t, img_pad, txt_pad)
-        if not torch.is_grad_enabled():  # dv, dt are fresh: scaled and added in place, the same two roundings
-            return dv.mul_(self.vision_param).add_(v), dt.mul_(self.text_param).add_(t)
         return v + self.vision_param * dv, t + self.text_param * dt
 
 
@@ -624,12 +642,9 @@ class DeformableLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
 
     def forward(self, V, pos, mask, ref, shapes, backend):
-        value = self.self_attn.project_value(V, mask)  # (B, S, nH, hD): the only step that needs every token
-        out = []
-        for v, p, r in zip(V.split(TOKEN_CHUNK, 1), pos.split(TOKEN_CHUNK, 1), ref.split(TOKEN_CHUNK, 1)):
-            v = self.self_attn_layer_norm(v + self.self_attn(v + p, value, r, shapes, backend))  # (B, c, d)
-            out.append(self.final_layer_norm(v + self.fc2(F.relu(self.fc1(v), inplace=True))))
-        return torch.cat(out, 1)  # (B, S, d)
+        value = self.self_attn.project_value(V, mask)  # (B, S, nH, hD): every image token samples this map
+        V = self.self_attn_layer_norm(V + self.self_attn(V + pos, value, ref, shapes, backend))  # (B, S, d)
+        return self.final_layer_norm(V + self.fc2(F.relu(self.fc1(V))))
 
 
 class EncoderLayer(nn.Module):
@@ -664,6 +679,8 @@ def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor
 
 
 class MLP(nn.Module):
+    """Linear layers with ReLU between them (the box heads). dfine.py has its own on purpose: one file, one model."""
+
     def __init__(self, dims: list[int]):
         super().__init__()
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in itertools.pairwise(dims)])
@@ -672,6 +689,12 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
         return x
+
+
+def box_logit(x: torch.Tensor) -> torch.Tensor:
+    """The one inverse sigmoid of this file: torch.special.logit(eps=1e-5), as transformers uses here. Not
+    common.inverse_sigmoid (D-FINE's): the two differ for boxes saturated at 1.0 (selected padding anchors)."""
+    return torch.special.logit(x, eps=1e-5)
 
 
 def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -689,7 +712,7 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
         start += h * w
     p = torch.cat(props, 1)  # (B, S, 4)
     ok = ((p > 0.01) & (p < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
-    p = torch.log(p / (1 - p))  # plain logit, no eps: outside anchors become +inf below anyway
+    p = box_logit(p)  # the clamp to [1e-5, 1 - 1e-5] changes no valid anchor; the others become +inf below
     p = p.masked_fill(pad.unsqueeze(-1), float("inf")).masked_fill(~ok, float("inf"))  # (B, S, 4)
     q = memory.masked_fill(pad.unsqueeze(-1), 0.0).masked_fill(~ok, 0.0)  # (B, S, 256)
     return q, p
@@ -752,12 +775,6 @@ class ContrastiveHead(nn.Module):
         return F.pad(r, (0, self.max_text_len - r.shape[-1]), value=float("-inf"))  # (B, Q, 256)
 
 
-def box_logit(x: torch.Tensor) -> torch.Tensor:
-    # torch.special.logit(eps=1e-5), as transformers, and not common.inverse_sigmoid: they differ for boxes that
-    # saturate at 1.0 (selected padding anchors), which would break bit-exact parity
-    return torch.special.logit(x, eps=1e-5)
-
-
 @dataclass
 class GroundingDinoOutput:
     logits: torch.Tensor  # (B, Q, max_text_len), -inf beyond the prompt's tokens
@@ -791,7 +808,8 @@ class GroundingDino(nn.Module):
         self.bbox_embed = nn.ModuleList([MLP([d, d, d, 4]) for _ in range(n_box)])  # one module when shared
         self.class_embed = nn.ModuleList([ContrastiveHead(cfg.max_text_len, cfg.is_mm) for _ in range(n_cls)])
         self.tokenizer = None  # set by from_pretrained
-        self.preprocessor = {"shortest": 800, "longest": 1333, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.preprocessor = {"shortest": SHORTEST_EDGE, "longest": LONGEST_EDGE, "mean": IMAGENET_MEAN,
+                             "std": IMAGENET_STD}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
@@ -799,10 +817,6 @@ class GroundingDino(nn.Module):
         """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11.
         backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one)."""
         return load_checkpoint(name_or_path, revision, backend)
-
-    def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25) -> dict | list[dict]:
-        """Images and prompts -> detections per image; see detect() in section 11."""
-        return detect(self, images, prompts, threshold, text_threshold)
 
     def box_head(self, i: int) -> MLP:
         return self.bbox_embed[i if len(self.bbox_embed) > 1 else 0]
@@ -814,7 +828,7 @@ class GroundingDino(nn.Module):
 
     def encode_text(self, input_ids, attention_mask, token_type_ids=None) -> dict:
         """Tokens -> projected BERT features (B, T, 256) plus the masks every later stage needs."""
-        phrase, position_ids = phrase_masks(input_ids)  # (B, T, T), (B, T)
+        phrase, position_ids = phrase_masks(input_ids, special_tokens(self.tokenizer).delimiters)  # (B,T,T), (B,T)
         token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         feats = self.text_backbone(input_ids, token_type_ids, position_ids, phrase)  # (B, T, 768)
         return {"features": self.text_projection(feats), "token_mask": attention_mask.bool(), "phrase_mask": phrase,
@@ -868,13 +882,13 @@ class GroundingDino(nn.Module):
         """Returns per layer the layer-normed query features (B, Q, 256) and the refined boxes (B, Q, 4)."""
         B = memory.shape[0]
         h = self.query_position_embeddings.weight.unsqueeze(0).repeat(B, 1, 1)  # (B, Q, 256): learned targets
-        text_bias = (~text_mask)[:, None, None, :].float() * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+        text_bias = (~text_mask)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, T)
         hidden, refs = [], []
         for i, layer in enumerate(self.decoder.layers):
             ref_in = ref[:, :, None] * torch.cat([lv.valid_ratios, lv.valid_ratios], -1)[:, None]  # (B, Q, L, 4)
             qpos = self.decoder.reference_points_head(sine_embedding(ref_in[:, :, 0, :], self.cfg.d_model // 2))
             h = layer(h, qpos, ref_in, memory, lv.mask, text_feats, text_bias, lv.shapes, self.backend)
-            # refinement from the raw layer output (the heads see the normed one): spec P4
+            # the box is refined from the raw layer output; the heads below see the layer-normed one (as upstream)
             ref = (self.box_head(i)(h) + box_logit(ref)).sigmoid().detach()
             hidden.append(self.decoder.layer_norm(h))
             refs.append(ref)
@@ -889,18 +903,11 @@ class GroundingDino(nn.Module):
         boxes = (self.box_head(i)(inter) + box_logit(prev)).sigmoid()
         return logits, boxes
 
-    @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
-                return_stages: bool = False) -> GroundingDinoOutput:
-        maps = self.backbone(pixel_values)  # 3 (4) maps (B, C_l, H_l, W_l)
-        return self.forward_text(maps, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask,
-                                 return_stages)
-
-    @torch.inference_mode()
-    def forward_text(self, maps, pixel_values, input_ids, attention_mask, token_type_ids=None, pixel_mask=None,
-                     return_stages=False) -> GroundingDinoOutput:
-        """Everything after the backbone: detect() reuses the backbone maps for every chunk of a long label list."""
+                return_stages: bool = False, backbone_maps: list[torch.Tensor] | None = None) -> GroundingDinoOutput:
+        """Sections 3-9 in order. backbone_maps: the backbone's output for these pixel_values, computed earlier (detect
+        runs the backbone once for all chunks of a long label list); None runs the backbone here."""
         B, _, H, W = pixel_values.shape
         if input_ids.shape[1] > self.cfg.max_text_len:
             raise InputError(f"the prompt has {input_ids.shape[1]} tokens; the model reads at most "
@@ -908,6 +915,7 @@ class GroundingDino(nn.Module):
         assert input_ids.shape[0] == B, f"{input_ids.shape[0]} prompts for {B} images"
         if pixel_mask is None:
             pixel_mask = torch.ones(B, H, W, dtype=torch.long, device=pixel_values.device)
+        maps = self.backbone(pixel_values) if backbone_maps is None else backbone_maps  # 3 (4) x (B, C_l, H_l, W_l)
         text = self.encode_text(input_ids, attention_mask, token_type_ids)  # features (B, T, 256)
         lv = self.prepare_levels(maps, pixel_mask)  # (B, S, 256) and layout
         memory, text_feats = self.encode(lv, text)  # (B, S, 256), (B, T, 256)
@@ -920,6 +928,48 @@ class GroundingDino(nn.Module):
                       "projected_maps": lv.maps, "encoder_vision": memory, "encoder_text": text_feats, **sel,
                       "decoder_hidden": hidden, "decoder_boxes": refs, "logits": logits, "pred_boxes": boxes}
         return GroundingDinoOutput(logits=logits, pred_boxes=boxes, stages=stages)
+
+    @torch.inference_mode()
+    def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25) -> dict | list[dict]:
+        """Images (path, URL, PIL, array; or a list) and prompts -> per image {"scores", "boxes" (xyxy, original
+        pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing return for that image,
+        plus "label_ids": for each box the index of its best-scoring label in the prompt (a class id).
+
+        Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
+        padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
+        image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
+        tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
+        chunk (the feature enhancer mixes the text into the image tokens, so nothing after the backbone is shared).
+        """
+        threshold = check_threshold("threshold", threshold)
+        text_threshold = check_threshold("text_threshold", text_threshold)
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        if not images:
+            raise InputError("no images given")
+        chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len)
+                  for p in prompts_per_image(prompts, len(images))]
+        results = []
+        for img, image_chunks in zip(images, chunks):
+            pixel_values, pixel_mask, sizes = preprocess_images([img], **self.preprocessor)
+            dev = self.level_embed.device
+            pixel_values, pixel_mask = pixel_values.to(dev), pixel_mask.to(dev)
+            maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
+            parts, offset = [], 0
+            for text in image_chunks:
+                tok = {k: v.to(dev) for k, v in tokenize(self.tokenizer, [text]).items()}
+                out = self(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
+                           backbone_maps=maps)
+                part = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
+                                    text_threshold, sizes)[0]
+                part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
+                offset += len(split_phrases(text))
+                parts.append(part)
+            results.append({"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
+                            "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
+                            "labels": [lab for p in parts for lab in p["labels"]],
+                            "label_ids": torch.cat([p["label_ids"] for p in parts])})
+        return results[0] if single else results
 
 
 # -----------------------------------------------------------------------------
@@ -951,17 +1001,17 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
         token_ids = [[int(input_ids[b, i]) for i in row.nonzero(as_tuple=True)[0].tolist()] for row in pos]
         results.append({"scores": scores[b][keep], "boxes": boxes[b][keep],
                         "labels": [tokenizer.decode(t, skip_special_tokens=False) for t in token_ids],
-                        "label_ids": phrase_ids(probs[b][keep], input_ids[b])})
+                        "label_ids": phrase_ids(probs[b][keep], input_ids[b], special_tokens(tokenizer))})
     return results
 
 
-def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
     """(n, max_text_len) kept queries' token probabilities -> (n,) index of the phrase (label) that holds the best
     word token: a class id, which transformers does not give. Phrase k is the run before the (k+1)-th '.' or '?'."""
     ids = input_ids.to(probs.device)
-    stop = torch.isin(ids, torch.tensor(DELIMITERS[2:], device=ids.device)).long()  # (T,) 1 at '.' and '?'
+    stop = torch.isin(ids, torch.tensor([special.dot, special.question], device=ids.device)).long()  # (T,) 1 at . ?
     phrase = torch.cumsum(stop, 0) - stop  # (T,) the number of stops strictly before each token
-    word = ~torch.isin(ids, torch.tensor(DELIMITERS + (PAD,), device=ids.device))  # (T,) tokens of labels
+    word = ~torch.isin(ids, torch.tensor(special.delimiters + (special.pad,), device=ids.device))  # (T,) label tokens
     p = probs[:, : ids.shape[0]].masked_fill(~word, -1.0)  # (n, T): only word tokens compete
     return phrase[p.argmax(-1)]  # (n,)
 
@@ -1038,36 +1088,52 @@ def read_preprocessor(folder: Path) -> dict:
     except (OSError, ValueError) as e:
         raise LoadError(f"cannot read {f}: {e}") from None
     size = c.get("size") or {}
-    return {"shortest": size.get("shortest_edge", 800), "longest": size.get("longest_edge", c.get("max_size", 1333)),
+    return {"shortest": size.get("shortest_edge", SHORTEST_EDGE),
+            "longest": size.get("longest_edge", c.get("max_size", LONGEST_EDGE)),
             "mean": tuple(c.get("image_mean", IMAGENET_MEAN)), "std": tuple(c.get("image_std", IMAGENET_STD))}
+
+
+def header_shapes(files: Sequence[Path]) -> dict[str, tuple]:
+    """key -> shape from the safetensors headers, without reading the tensors ({} if unreadable: load_weights then
+    says so by name)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
+    except (OSError, SafetensorError):
+        return {}
+    return shapes
+
+
+def checkpoint_config(folder: Path) -> GroundingDinoConfig:
+    """config.json, completed from the weights where an MM checkpoint's config is silent: converted before the share
+    flags existed, such files store heads for decoder layers 1.. when those are per-layer."""
+    cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
+    if cfg.is_mm and None in (cfg.decoder_bbox_embed_share, cfg.decoder_cls_embed_share):
+        shapes = header_shapes(common.weight_files(folder))
+        layers = {m.group(1) for k in shapes if (m := re.match(r"^(?:model\.decoder\.)?(\w+_embed)\.[1-9]", k))}
+        if cfg.decoder_bbox_embed_share is None:
+            cfg.decoder_bbox_embed_share = "bbox_embed" not in layers
+        if cfg.decoder_cls_embed_share is None:
+            cfg.decoder_cls_embed_share = "class_embed" not in layers
+    return cfg
 
 
 def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "auto") -> GroundingDino:
     common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
     folder = common.resolve_checkpoint(name_or_path, revision)
-    cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
+    cfg = checkpoint_config(folder)
     files = common.weight_files(folder)
-    bias_shape = ()
-    if cfg.is_mm:  # MM files vary in two ways the config cannot tell; the safetensors headers can
-        from safetensors import SafetensorError, safe_open
-
-        shapes = {}  # key -> shape, without reading the tensors
-        try:
-            for f in files:
-                with safe_open(str(f), framework="pt") as sf:
-                    shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
-        except (OSError, SafetensorError):  # unreadable: load_weights below says so by name
-            shapes = {}
-        layers = {m.group(1) for k in shapes if (m := re.match(r"^(?:model\.decoder\.)?(\w+_embed)\.[1-9]", k))}
-        if cfg.decoder_bbox_embed_share is None:  # heads of layers 1.. stored: per-layer heads
-            cfg.decoder_bbox_embed_share = "bbox_embed" not in layers
-        if cfg.decoder_cls_embed_share is None:
-            cfg.decoder_cls_embed_share = "class_embed" not in layers
-        bias_shape = next((s for k, s in shapes.items() if re.search(r"class_embed(\.\d+)?\.bias$", k)), ())
+    # some MM converters store the scalar class bias as (1,): broadcasting makes it the same
+    shapes = header_shapes(files) if cfg.is_mm else {}
+    bias_shape = next((s for k, s in shapes.items() if re.search(r"class_embed(\.\d+)?\.bias$", k)), ())
     with torch.device("meta"):  # no random init of 172M+ parameters that the checkpoint overwrites anyway
         model = GroundingDino(cfg, backend=backend)
     model = model.to_empty(device="cpu")
-    if bias_shape == (1,):  # some converters store the scalar class bias as (1,): broadcasting makes it the same
+    if bias_shape == (1,):
         for head in [model.encoder_output_class_embed, *model.class_embed]:
             head.bias = nn.Parameter(torch.zeros(1))
     common.load_weights(model, files, key_map_for(cfg))
@@ -1124,49 +1190,6 @@ def prompts_per_image(prompts, n: int) -> list:
     raise InputError(f"give one prompt for all images or one per image; got {len(prompts)} prompts for {n} images")
 
 
-@torch.inference_mode()
-def detect(self: GroundingDino, images, prompts, threshold: float = 0.25,
-           text_threshold: float = 0.25) -> dict | list[dict]:
-    """Images (path, URL, PIL, array; or a list) and prompts -> per image {"scores", "boxes" (xyxy, original
-    pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing return for that image,
-    plus "label_ids": for each box the index of its best-scoring label in the prompt (a class id).
-
-    Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
-    padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
-    image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
-    tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
-    chunk (the feature enhancer mixes the text into the image tokens, so nothing after the backbone is shared).
-    """
-    threshold = check_threshold("threshold", threshold)
-    text_threshold = check_threshold("text_threshold", text_threshold)
-    single = not isinstance(images, (list, tuple))
-    images = [images] if single else list(images)
-    if not images:
-        raise InputError("no images given")
-    chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len) for p in prompts_per_image(prompts, len(images))]
-    results = []
-    for img, image_chunks in zip(images, chunks):
-        pixel_values, pixel_mask, sizes = preprocess_images([img], **self.preprocessor)
-        dev = self.level_embed.device
-        pixel_values, pixel_mask = pixel_values.to(dev), pixel_mask.to(dev)
-        maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
-        parts, offset = [], 0
-        for text in image_chunks:
-            tok = {k: v.to(dev) for k, v in tokenize(self.tokenizer, [text]).items()}
-            out = self.forward_text(maps, pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
-                                    pixel_mask)
-            part = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
-                                text_threshold, sizes)[0]
-            part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
-            offset += len(split_phrases(text))
-            parts.append(part)
-        results.append({"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
-                        "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
-                        "labels": [lab for p in parts for lab in p["labels"]],
-                        "label_ids": torch.cat([p["label_ids"] for p in parts])})
-    return results[0] if single else results
-
-
 # -----------------------------------------------------------------------------
 # 12. Command line
 
@@ -1205,8 +1228,9 @@ def main() -> int:
     if args.dump:
         pixel_values, pixel_mask, _ = preprocess_images([image], **model.preprocessor)
         tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)[:1])
-        out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
-                    return_stages=True)
+        with torch.inference_mode():
+            out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
+                        return_stages=True)
         common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
                     args.model, args.revision, pixel_values)
     return 0
