@@ -8,16 +8,17 @@ classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Le
 queries, dropout), the unused "discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
-  0. config            config.json -> a flat dataclass
-  1. preprocessing     stretch to 640x640 with PIL bilinear, /255, no normalisation
-  2. backbone          HGNetV2: stem, 4 stages of HG blocks -> 2 or 3 maps at strides 8/16/32
-  3. hybrid encoder    input projections, AIFI (one transformer layer on the coarsest map), CCFF (FPN + PAN)
-  4. query selection   anchors, then (DFine.select_queries, in 6) encoder head and top-300 proposals
-  5. decoder           self-attention, deformable cross-attention, gate; FDR edge distributions; LQE
-  6. the model         forward as a short list of the stages above; detect; from_pretrained
-  7. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
-  8. the key map       Hub key names (4.x and 5.x) -> this file's module names
-  9. command line
+  1. config            config.json -> a flat dataclass
+  2. preprocessing     stretch to 640x640 with PIL bilinear, /255, no normalisation
+  3. backbone          HGNetV2: stem, 4 stages of HG blocks -> 2 or 3 maps at strides 8/16/32
+  4. hybrid encoder    input projections, AIFI (one transformer layer on the coarsest map), CCFF (FPN + PAN)
+  5. query selection   anchors, then (DFine.select_queries, in 7) encoder head and top-300 proposals
+  6. decoder           self-attention, deformable cross-attention, gate; FDR edge distributions; LQE
+  7. the model         forward as a short list of the stages above; detect; from_pretrained
+  8. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
+  9. the key map       Hub key names (4.x and 5.x) -> this file's module names
+ 10. fast inference    an option: batch norms folded into the convs, not bit-exact (off by default)
+ 11. command line
 
 Shapes: B batch, C channels, H W map size, S tokens of all levels, Q queries (300), L levels, P points (all levels),
 nH heads, hD head dim, d model width, K classes, N bins (max_num_bins = 32, so N + 1 = 33 bin edges).
@@ -43,11 +44,6 @@ from common import InputError, center_to_corners, inverse_sigmoid
 ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}  # gelu is the exact erf form, as transformers
 
 
-def activate(act, x: torch.Tensor) -> torch.Tensor:
-    """act(x) in place when autograd is off and act can (x is then a fresh conv output): same values, no new buffer."""
-    return act(x, inplace=True) if act in (F.relu, F.silu) and not torch.is_grad_enabled() else act(x)
-
-
 @functools.lru_cache(maxsize=16)
 def once(fn, *args):
     """fn(*args), computed once per distinct args (input size, dtype, device) and kept: the position embeddings and
@@ -57,7 +53,7 @@ def once(fn, *args):
 
 
 # -----------------------------------------------------------------------------
-# 0. Config
+# 1. Config
 
 
 @dataclass
@@ -79,7 +75,7 @@ class DFineConfig:
     use_learnable_affine_block: bool = False  # the small models (B0, B2) scale and shift after each activation
     hidden_act: str = "relu"
     out_indices: list[int] = field(default_factory=lambda: [2, 3, 4])  # 0 is the stem, k is stage k
-    freeze_backbone_batch_norms: bool = True  # selects the frozen-BN formula (not F.batch_norm): it matters (P5)
+    freeze_backbone_batch_norms: bool = True  # frozen BN's scale-and-shift formula rounds unlike F.batch_norm
     # hybrid encoder
     encoder_in_channels: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     feat_strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # for readers; shapes come from tensors
@@ -93,7 +89,7 @@ class DFineConfig:
     positional_encoding_temperature: int = 10000
     hidden_expansion: float = 1.0
     depth_mult: float = 1.0
-    eval_size: list[int] | None = None  # when set, transformers drops AIFI's position embedding (P9); we refuse it
+    eval_size: list[int] | None = None  # when set, transformers precomputes AIFI's position embedding for that size
     batch_norm_eps: float = 1e-5
     layer_norm_eps: float = 1e-5
     # query selection and decoder
@@ -110,7 +106,7 @@ class DFineConfig:
     top_prob_values: int = 4
     lqe_hidden_dim: int = 64
     max_num_bins: int = 32
-    anchor_image_size: list[int] | None = None  # when set, anchors are fixed to that size (P10); we refuse it
+    anchor_image_size: list[int] | None = None  # when set, anchors are fixed to that size; we refuse both
     id2label: dict[int, str] = field(default_factory=dict)
 
     @classmethod
@@ -142,7 +138,7 @@ class DFineConfig:
 
 
 # -----------------------------------------------------------------------------
-# 1. Preprocessing: what transformers' RTDetrImageProcessorPil does with the Hub preprocessor_config.json
+# 2. Preprocessing: what transformers' RTDetrImageProcessorPil does with the Hub preprocessor_config.json
 
 INPUT_SIZE = 640
 
@@ -160,14 +156,14 @@ def preprocess(images: list[Image.Image]) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# 2. Backbone: HGNetV2 (PP-HGNetV2 from PaddleDetection, as used by D-FINE)
+# 3. Backbone: HGNetV2 (PP-HGNetV2 from PaddleDetection, as used by D-FINE)
 
 
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics, written as transformers writes it: scale and shift, eps 1e-5.
 
     F.batch_norm computes the same function with other rounding; before the top-k that is enough to reorder
-    queries (spec P3, P5), so the formula is kept exactly.
+    near-tied queries, so the formula is kept exactly.
     """
 
     eps = 1e-5
@@ -177,10 +173,10 @@ class FrozenBatchNorm2d(nn.Module):
         for name in ("weight", "bias", "running_mean", "running_var"):
             self.register_buffer(name, torch.zeros(n))
 
-    def forward(self, x):  # x: a conv output nothing else holds, so it is updated in place (same ops, same bits)
+    def forward(self, x):
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
-        scale, bias = scale.view(-1, 1, 1), (self.bias - self.running_mean * scale).view(-1, 1, 1)  # (C, 1, 1) each
-        return x.mul_(scale).add_(bias) if not torch.is_grad_enabled() else x * scale + bias
+        bias = self.bias - self.running_mean * scale  # (C,)
+        return x * scale.view(-1, 1, 1) + bias.view(-1, 1, 1)  # (B, C, H, W)
 
 
 class LearnableAffineBlock(nn.Module):
@@ -192,7 +188,7 @@ class LearnableAffineBlock(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        return x.mul_(self.scale).add_(self.bias) if not torch.is_grad_enabled() else self.scale * x + self.bias
+        return self.scale * x + self.bias
 
 
 class ConvLayer(nn.Module):
@@ -204,14 +200,11 @@ class ConvLayer(nn.Module):
         self.normalization = FrozenBatchNorm2d(cout) if cfg.freeze_backbone_batch_norms else nn.BatchNorm2d(cout)
         self.act = ACT[cfg.hidden_act] if act else None
         self.lab = LearnableAffineBlock() if act and cfg.use_learnable_affine_block else None
-        self.floor = None  # fast: relu and learnable affine folded too, leaving max(conv(x), floor)
 
     def forward(self, x):
-        x = self.normalization(self.convolution(x))  # an nn.Identity once fast=True folded it into the conv
-        if self.floor is not None:  # s * relu(y) + c = max(s*y + c, c) for s > 0: one pass instead of three
-            return x.clamp_min_(self.floor) if not torch.is_grad_enabled() else x.clamp_min(self.floor)
+        x = self.normalization(self.convolution(x))
         if self.act is not None:
-            x = activate(self.act, x)
+            x = self.act(x)
         return self.lab(x) if self.lab is not None else x
 
 
@@ -243,7 +236,7 @@ class Embedder(nn.Module):
     @staticmethod
     def pool(x):
         """MaxPool2d(kernel 2, stride 1, ceil_mode=True) as the max of shifted views, rows then columns: a max
-        rounds nothing, so the bits are the same, and it is 10x faster than the CPU pooling kernel."""
+        rounds nothing, so the bits are the same as the pooling op's, which is slow on CPU."""
         x = torch.maximum(x[..., :-1, :], x[..., 1:, :])  # (B, C, H-1, W): each row with the one below
         return torch.maximum(x[..., :-1], x[..., 1:])  # (B, C, H-1, W-1)
 
@@ -315,7 +308,7 @@ class HGNetV2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. Hybrid encoder: input projections, AIFI on the coarsest map, CCFF (top-down FPN, then bottom-up PAN)
+# 4. Hybrid encoder: input projections, AIFI on the coarsest map, CCFF (top-down FPN, then bottom-up PAN)
 
 
 class ConvNorm(nn.Module):
@@ -330,7 +323,7 @@ class ConvNorm(nn.Module):
 
     def forward(self, x):
         x = self.norm(self.conv(x))
-        return activate(self.act, x) if self.act is not None else x
+        return self.act(x) if self.act is not None else x
 
 
 def input_proj(cin: int, cout: int, eps: float = 1e-5) -> nn.Sequential:
@@ -343,7 +336,7 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float, device=None) -> torc
     """(1, H*W, dim) fixed 2-D position embedding: [sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)].
 
     Built in float64 and cast, as transformers 5.23. (The original D-FINE and transformers 4.x use float32 and a
-    transposed grid; on non-square maps that differs by up to 2.0, spec P7.)
+    transposed grid, which on non-square maps swaps the roles of x and y.)
     """
     f64 = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # mps has no float64
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=f64, device=device) / (dim // 4))  # (dim/4,)
@@ -367,7 +360,7 @@ class SelfAttention(nn.Module):
         q = self.q_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
         k = self.k_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
         v = self.v_proj(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
-        # the same SDPA call transformers makes by default: its kernel's rounding is part of the reference (P4)
+        # the same SDPA call transformers makes by default: its kernel's rounding is part of the reference
         a = F.scaled_dot_product_attention(q, k, v, scale=(d // self.heads) ** -0.5)  # (B, nH, N, hD)
         return self.out_proj(a.transpose(1, 2).reshape(B, N, d))  # (B, N, d)
 
@@ -406,8 +399,7 @@ class RepVggBlock(nn.Module):
         self.act = ACT[cfg.activation_function]
 
     def forward(self, x):
-        y = self.conv1(x) if self.conv2 is None else self.conv1(x) + self.conv2(x)  # conv2 None: merged (fast)
-        return activate(self.act, y)
+        return self.act(self.conv1(x) + self.conv2(x))
 
 
 class CSPRepLayer(nn.Module):
@@ -494,10 +486,12 @@ class HybridEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. Query selection: anchors on every token, a score per token, the 300 best become the decoder's queries
+# 5. Query selection: anchors on every token, a score per token, the 300 best become the decoder's queries
 
 
 class MLP(nn.Module):
+    """n linear layers with ReLU between them. gdino.py has its own on purpose: one file, one model."""
+
     def __init__(self, din, dhid, dout, n):
         super().__init__()
         dims = [din] + [dhid] * (n - 1) + [dout]
@@ -511,24 +505,25 @@ class MLP(nn.Module):
 
 def make_anchors(spatial_shapes: list[tuple[int, int]], dtype=torch.float32, device=None):
     """One anchor box per token, in logit space: centre of its cell, size 0.05 * 2^level; edge tokens invalid.
+    gdino.encoder_proposals builds the same anchors its own way (it masks padding), on purpose.
 
     Returns anchors (1, S, 4) and the valid mask (1, S, 1)."""
     anchors = []
     for lvl, (h, w) in enumerate(spatial_shapes):
         gy, gx = torch.meshgrid(torch.arange(h, device=device).to(dtype), torch.arange(w, device=device).to(dtype),
                                 indexing="ij")  # (H, W) each
-        xy = torch.stack([gx, gy], dim=-1) + 0.5  # (H, W, 2): +0.5 before dividing, as upstream (P8)
+        xy = torch.stack([gx, gy], dim=-1) + 0.5  # (H, W, 2): +0.5 before dividing, as upstream (same rounding)
         xy = xy / torch.tensor([w, h], dtype=dtype, device=device)
         wh = torch.ones_like(xy) * 0.05 * (2.0 ** lvl)
         anchors.append(torch.cat([xy, wh], dim=-1).reshape(1, h * w, 4))  # (1, H*W, 4) cxcywh
     anchors = torch.cat(anchors, dim=1)  # (1, S, 4)
     valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1, keepdim=True)  # (1, S, 1): drops the outer ring at 80x80
-    anchors = torch.log(anchors / (1 - anchors))  # inverse sigmoid
+    anchors = inverse_sigmoid(anchors)  # its clamps change no valid anchor; the others are replaced below
     return torch.where(valid, anchors, torch.finfo(dtype).max), valid  # invalid -> sigmoid 1, as transformers
 
 
 # -----------------------------------------------------------------------------
-# 5. Decoder: deformable cross-attention around each box, Fine-grained Distribution Refinement, LQE
+# 6. Decoder: deformable cross-attention around each box, Fine-grained Distribution Refinement, LQE
 
 
 class DeformableAttention(nn.Module):
@@ -552,7 +547,8 @@ class DeformableAttention(nn.Module):
         off = self.sampling_offsets(query).reshape(B, Q, self.heads, P, 2)  # (B, Q, nH, P, 2)
         w = F.softmax(self.attention_weights(query).reshape(B, Q, self.heads, P), dim=-1)  # over ALL levels' points
         scale = self.num_points_scale[:, None]  # (P, 1)
-        # offsets in units of the box size, divided by the level's point count, halved; order as upstream (P8)
+        # offsets in units of the box size, divided by the level's point count, halved; multiplied in upstream's
+        # order, since another order rounds differently
         loc = ref[:, :, None, :, :2] + off * scale * ref[:, :, None, :, 2:] * self.offset_scale  # (B, Q, nH, P, 2)
         return common.ms_deform_attn(value, spatial_shapes, self.points, loc, w, backend), loc, w  # (B, Q, d)
 
@@ -610,7 +606,8 @@ class LQE(nn.Module):
 def weighting_function(n_bins: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
     """W(n), the N+1 bin edges of the edge-offset distributions (paper Eq. 4): dense near 0, +-2*up*c at the ends.
 
-    Computed with float32 tensor ops on the checkpoint's own `up` and `reg_scale`, as transformers (spec 8.1).
+    Computed with float32 tensor ops on the checkpoint's own `up` and `reg_scale`, as transformers (Python floats
+    would round the edges differently).
     """
     ub1 = abs(up[0]) * abs(reg_scale)
     ub2 = ub1 * 2
@@ -625,7 +622,7 @@ def integral(corners: torch.Tensor, project: torch.Tensor) -> torch.Tensor:
     """Expected edge offset under each edge's distribution: sum_n softmax(logits)_n * W(n)."""
     B, Q, _ = corners.shape
     prob = F.softmax(corners.reshape(-1, project.shape[0]), dim=1)  # (B*Q*4, N+1), edges l, t, r, b
-    return F.linear(prob, project).reshape(B, Q, 4)  # F.linear, not a sum: a sum rounds differently (P8)
+    return F.linear(prob, project).reshape(B, Q, 4)  # F.linear, as transformers: a sum rounds differently
 
 
 def distance2bbox(ref: torch.Tensor, dist: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
@@ -651,7 +648,7 @@ class Decoder(nn.Module):
         # class heads and LQEs of every layer are in the checkpoint; inference uses the last ones only
         self.class_embed = nn.ModuleList(nn.Linear(d, K) for _ in range(n_layers))
         self.lqe_layers = nn.ModuleList(LQE(cfg) for _ in range(n_layers))
-        self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: 8 for X whatever config says (P2)
+        self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: X's file says 8, its config 4
         self.register_buffer("up", torch.tensor([0.5]))
 
     def forward(self, target, ref_unact, memory, spatial_shapes, backend="auto") -> dict:
@@ -678,15 +675,7 @@ class Decoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 6. The model: forward is the list of stages
-
-
-def fold_bn(conv: nn.Conv2d, bn: nn.Module, s=1.0, c=0.0) -> nn.Identity:
-    """conv -> batch norm -> s*y + c as one conv with a bias (fast); returns the nn.Identity to put in bn's place."""
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C,): gamma / sqrt(var + eps)
-    conv.weight.mul_((scale * s)[:, None, None, None])
-    conv.bias = nn.Parameter((bn.bias - bn.running_mean * scale) * s + c)
-    return nn.Identity()
+# 7. The model: forward is the list of stages
 
 
 @dataclass
@@ -716,9 +705,8 @@ class DFine(nn.Module):
         proj = [p(m) for p, m in zip(self.encoder_input_proj, maps)]  # L x (B, C, H_l, W_l)
         return self.encoder(proj)
 
-    def select_queries(self, feats: list[torch.Tensor], every_token: bool = True) -> dict:
-        """The Q best tokens become queries. every_token=False (forward without stages): the box head runs on those Q
-        only, not on all S as transformers (row for row the same numbers), and no (B, S, .) head output is kept."""
+    def select_queries(self, feats: list[torch.Tensor]) -> dict:
+        """Every token is scored and gets a box; the Q best tokens become the decoder's queries."""
         feats = [p(f) for p, f in zip(self.decoder_input_proj, feats)]  # L x (B, d, H_l, W_l)
         shapes = [tuple(f.shape[2:]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)  # (B, S, d), fine to coarse
@@ -728,14 +716,13 @@ class DFine(nn.Module):
         anchors, valid = once(make_anchors, tuple(shapes), memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
         out_mem = self.enc_output(valid.to(memory.dtype) * memory)  # (B, S, d): invalid tokens zeroed for the head
         enc_class = self.enc_score_head(out_mem)  # (B, S, K)
+        enc_coord = self.enc_bbox_head(out_mem) + anchors  # (B, S, 4) box logits
         topk = enc_class.max(-1).values.topk(self.cfg.num_queries, dim=1).indices  # (B, Q), best score first
+        ref_unact = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
         target = out_mem.gather(1, topk[..., None].expand(-1, -1, out_mem.shape[-1]))  # (B, Q, d)
-        ref_unact = self.enc_bbox_head(target) + anchors[0, topk]  # (B, Q, 4) box logits of the chosen tokens
-        q = {"memory": memory, "spatial_shapes": shapes}
-        if every_token:
-            q |= {"anchors": anchors, "valid_mask": valid, "enc_outputs_class": enc_class,
-                  "enc_outputs_coord_logits": self.enc_bbox_head(out_mem) + anchors}  # (B, S, 4)
-        return q | {"topk_indices": topk, "target": target, "init_reference_points": ref_unact}
+        return {"memory": memory, "spatial_shapes": shapes, "anchors": anchors, "valid_mask": valid,
+                "enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
+                "target": target, "init_reference_points": ref_unact}
 
     def forward(self, pixel_values: torch.Tensor, return_stages: bool = False) -> DFineOutput:
         B, C, H, W = pixel_values.shape if pixel_values.ndim == 4 else (0, 0, 1, 1)
@@ -747,7 +734,7 @@ class DFine(nn.Module):
         pixel_values = pixel_values.contiguous()  # a channels-last input would change conv rounding (see preprocess)
         maps = self.backbone(pixel_values)  # L x (B, C_l, H_l, W_l), strides 8/16/32
         feats = self.encode(maps)  # L x (B, C, H_l, W_l)
-        q = self.select_queries(feats, every_token=return_stages)  # top-Q proposals from the encoder tokens
+        q = self.select_queries(feats)  # top-Q proposals from the encoder tokens
         dec = self.decoder(q["target"], q["init_reference_points"], q["memory"], q["spatial_shapes"], self.backend)
         stages = None
         if return_stages:
@@ -772,52 +759,22 @@ class DFine(nn.Module):
         return postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
                            self.cfg.id2label)
 
-    @torch.no_grad()
-    def fuse_batch_norms(self) -> "DFine":
-        """fast=True: every batch norm folded into the conv before it, in float64 and rounded once; where relu and a
-        learnable affine s*x + c (s > 0) follow, s and c too, leaving max(conv(x), c); RepVGG's two branches merged."""
-        dtype = self.enc_score_head.weight.dtype
-        self.double()
-        for m in list(self.modules()):
-            if isinstance(m, ConvLayer) and m.lab is not None and m.act is F.relu and m.lab.scale.item() > 0:
-                m.normalization = fold_bn(m.convolution, m.normalization, m.lab.scale, m.lab.bias)
-                m.floor, m.act, m.lab = m.lab.bias.item(), None, None  # s * relu(y) + c = max(s*y + c, c)
-            elif isinstance(m, ConvLayer):
-                m.normalization = fold_bn(m.convolution, m.normalization)
-            elif isinstance(m, ConvNorm):
-                m.norm = fold_bn(m.conv, m.norm)
-            elif isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d):  # the input projections
-                m[1] = fold_bn(m[0], m[1])
-        for m in self.modules():
-            if isinstance(m, RepVggBlock):  # 3x3 + 1x1 = one 3x3 conv with the 1x1 kernel added at its centre
-                m.conv1.conv.weight[:, :, 1:2, 1:2] += m.conv2.conv.weight
-                m.conv1.conv.bias += m.conv2.conv.bias
-                m.conv2 = None
-        return self.to(dtype)
-
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
-                        fast: bool = False) -> "DFine":
-        """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 8).
-        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
-
-        fast=True: batch norms folded into the convs (fuse_batch_norms), convs channels-last; 0.6x (N) to 0.75x (X)
-        transformers' time on 2 cores (tests/benchmark.py), but other rounding: tokens whose encoder scores tie within
-        5e-5 may swap at the 300th place and queries may come in another order; a query both pick is within 5e-5
-        (logits), 2e-6 (boxes) of transformers."""
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
+                        backend: str = "auto") -> "DFine":
+        """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 9).
+        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one)."""
         common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
         folder = common.resolve_checkpoint(name_or_path, revision)
         cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
         model = cls(cfg, backend)
         common.load_weights(model, common.weight_files(folder), key_map, optional=optional_key)
         model.name_or_path, model.revision = str(name_or_path), revision
-        if fast:  # channels-last conv weights make every conv run channels-last
-            model.fuse_batch_norms().to(memory_format=torch.channels_last)
         return model.eval()
 
 
 # -----------------------------------------------------------------------------
-# 7. Post-processing: transformers' post_process_object_detection with use_focal_loss=True
+# 8. Post-processing: transformers' post_process_object_detection with use_focal_loss=True
 
 
 def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: float = 0.5,
@@ -843,7 +800,7 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
 
 
 # -----------------------------------------------------------------------------
-# 8. The key map: Hub checkpoint names -> this file's module names
+# 9. The key map: Hub checkpoint names -> this file's module names
 #
 # Hub files use transformers 4.x names; files re-saved by other 5.x tools may use the 5.x ones. Both load.
 #   model.backbone.model.X                  -> backbone.X
@@ -874,7 +831,72 @@ def optional_key(name: str) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
+# 10. Fast inference: an option applied to a loaded model, not the reference
+#
+# fast_inference(model) swaps the reference modules for FusedConv ones: every batch norm folded into the conv before
+# it (in float64, rounded once), and where a ReLU and a learnable affine s*x + c (s > 0) follow, those too, leaving
+# max(conv(x), c); RepVGG's 3x3 and 1x1 branches merged into one 3x3 conv; convs run channels-last. The same
+# function with other rounding: tokens whose encoder scores nearly tie may swap at the 300th place and queries may
+# come in another order, which is why it is not the default. The modules above know nothing of it.
+
+
+class FusedConv(nn.Module):
+    """One conv with a bias, then the activation (and a learnable affine), or max(conv(x), floor)."""
+
+    def __init__(self, conv: nn.Conv2d, act=None, floor: float | None = None, lab: nn.Module | None = None):
+        super().__init__()
+        self.conv, self.act, self.floor, self.lab = conv, act, floor, lab
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.floor is not None:  # s * relu(y) + c = max(s*y + c, c) for s > 0: one pass instead of three
+            return x.clamp_min(self.floor)
+        x = self.act(x) if self.act is not None else x
+        return self.lab(x) if self.lab is not None else x
+
+
+def fold(conv: nn.Conv2d, bn: nn.Module, s=1.0, c=0.0) -> nn.Conv2d:
+    """conv -> batch norm -> s*y + c as one float64 conv with a bias (cast to the model's dtype at the end)."""
+    scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()  # (C,): gamma / sqrt(var + eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      groups=conv.groups, bias=True, dtype=torch.float64, device=conv.weight.device)
+    fused.weight.copy_(conv.weight.double() * (scale * s)[:, None, None, None])
+    fused.bias.copy_((bn.bias.double() - bn.running_mean.double() * scale) * s + c)
+    return fused
+
+
+def fused(m: nn.Module) -> nn.Module | None:
+    """The FusedConv that computes what m computes, or None where m is not a conv block."""
+    if isinstance(m, RepVggBlock):  # 3x3 + 1x1 = one 3x3 conv with the 1x1 kernel added at its centre
+        conv, one = fold(m.conv1.conv, m.conv1.norm), fold(m.conv2.conv, m.conv2.norm)
+        conv.weight[:, :, 1:2, 1:2] += one.weight
+        conv.bias += one.bias
+        return FusedConv(conv, m.act)
+    if isinstance(m, ConvLayer) and m.lab is not None and m.act is F.relu and m.lab.scale.item() > 0:
+        s, c = m.lab.scale.double(), m.lab.bias.double()
+        return FusedConv(fold(m.convolution, m.normalization, s, c), floor=m.lab.bias.item())
+    if isinstance(m, ConvLayer):
+        return FusedConv(fold(m.convolution, m.normalization), m.act, lab=m.lab)
+    if isinstance(m, ConvNorm):
+        return FusedConv(fold(m.conv, m.norm), m.act)
+    if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):  # the input projections
+        return FusedConv(fold(m[0], m[1]))
+    return None
+
+
+@torch.no_grad()
+def fast_inference(model: DFine) -> DFine:
+    """The loaded model, changed in place for speed (see above): for inference only, not bit-exact."""
+    dtype = model.enc_score_head.weight.dtype
+    for parent in list(model.modules()):  # parents before children: a RepVggBlock is replaced whole
+        for name, child in list(parent.named_children()):
+            if (f := fused(child)) is not None:
+                setattr(parent, name, f)
+    return model.to(dtype).to(memory_format=torch.channels_last).eval()  # channels-last weights: channels-last convs
+
+
+# -----------------------------------------------------------------------------
+# 11. Command line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -894,7 +916,9 @@ def main(argv: list[str] | None = None) -> int:
         if out and not Path(out).resolve().parent.is_dir():
             raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
     images = [common.load_image(p) for p in args.images]
-    model = DFine.from_pretrained(args.model, args.revision, args.backend, args.fast)
+    model = DFine.from_pretrained(args.model, args.revision, args.backend)
+    if args.fast:
+        model = fast_inference(model)
     results = model.detect(images, args.threshold)
     if args.json:
         print(json.dumps([{"image": str(p), "detections": [

@@ -5,7 +5,7 @@ in turns, each after an untimed run of the same model), their ratio (the median 
 stage, the GFLOP/s ours achieves (FLOPs counted by torch's FlopCounterMode: matmuls and convolutions, not grid_sample
 or elementwise ops), and the peak RSS of each, each measured in a fresh process of its own. The weights are the tests'
 reference checkpoints (random, the real configs: same FLOPs as the real ones); nothing is timed inside pytest.
-`dfine-<size>-fast` rows time ours with fast=True (other rounding; see dfine.DFine.from_pretrained). `--quick` runs
+`dfine-<size>-fast` rows time ours after dfine.fast_inference (other rounding; see dfine.py section 10). `--quick` runs
 D-FINE nano twice for a smoke test (tests/test_benchmark.py).
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ def dfine_case(size: str, build=("ours", "theirs"), fast: bool = False):
     from dfine_reference import checkpoint, hf_model
 
     folder = checkpoint(size)
-    ours = dfine.DFine.from_pretrained(folder, fast=fast) if "ours" in build else None
+    ours = dfine.DFine.from_pretrained(folder) if "ours" in build else None
+    ours = dfine.fast_inference(ours) if fast and ours is not None else ours
     theirs = hf_model(folder) if "theirs" in build else None
     px = dfine.preprocess([common.load_image(CATS)])
 
@@ -115,7 +116,7 @@ def gdino_case(name: str, build=("ours", "theirs")):
 
 
 def case(name: str, build=("ours", "theirs")):
-    """gdino-tiny, mm-gdino-tiny, dfine-<size>, or dfine-<size>-fast (ours with fast=True: other rounding)."""
+    """gdino-tiny, mm-gdino-tiny, dfine-<size>, or dfine-<size>-fast (ours after dfine.fast_inference)."""
     if name.startswith("dfine-"):
         return dfine_case(name.split("-")[1], build, fast=name.endswith("-fast"))
     return gdino_case(name, build)

@@ -9,7 +9,7 @@ import torch
 from conftest import cached_checkpoint, hub_config
 
 SIZES = ["n", "s", "m", "l", "x"]
-TENSORS = {"n": 644, "s": 764, "m": 1009, "l": 1197, "x": 1465}  # per size, as in the Hub files (spec section 10)
+TENSORS = {"n": 644, "s": 764, "m": 1009, "l": 1197, "x": 1465}  # per size, as in the Hub files
 BUILDER_VERSION = 1  # bump when the way weights are made changes
 
 
@@ -49,7 +49,7 @@ def checkpoint(size: str, dataset: str = "coco") -> Path:
         torch.manual_seed(SIZES.index(size))
         model = DFineForObjectDetection(DFineConfig(**cfg)).eval()
         perturb_(model, seed=100 + SIZES.index(size))
-        if size == "x":  # the real X checkpoint stores reg_scale 8 while its config says 4 (spec P2)
+        if size == "x":  # the real X checkpoint stores reg_scale 8 while its config says 4
             model.model.decoder.reg_scale.fill_(8.0)
         model.save_pretrained(folder)
 
