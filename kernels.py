@@ -3,9 +3,10 @@
 The readable version is common.ms_deform_attn_torch (common.py, section 3): same contract, and the tests
 (tests/test_kernels.py) check every kernel here against it, values and all three gradients. This file exists for
 speed: the readable version copies each level's values into images, and grid_sample materialises every sample,
-(B*nH, hD, Q, P), 290 MB at the Grounding DINO encoder shape, before it is weighted and summed; a kernel reads the
-four neighbours of each point and adds them straight into the output.
+(B*nH, hD, Q, P), before it is weighted and summed; a kernel reads the four neighbours of each point and adds them
+straight into the output.
 
+0. the sampling rule, then the rounding the CPU forward copies from torch (why, under its own banner)
 1. Numba CPU: forward threads take blocks of queries, all heads together; backward one thread per (batch, head)
 2. Numba CUDA: forward one thread per output channel, backward one thread per point with atomic adds into the
    value gradient; launch functions take device arrays (numba's, or anything with __cuda_array_interface__)
@@ -45,21 +46,27 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# The sampling rule, shared by every kernel below (the readable version gets it from grid_sample, align_corners=False):
-#   - a location x on a level W pixels wide maps to pixel coordinate ix = x * W - 0.5, so pixel centres sit at +0.5
-#     (same for y with H), rounded as in grid_sample (below), so a location on a pixel centre falls on the same side
-#     of the floor as there, where the gradient jumps (both take the right piece);
+# 0. The sampling rule of every kernel below (the readable version's grid_sample, align_corners=False)
+#   - a location x on a level W pixels wide maps to pixel coordinate ix = x * W - 0.5: pixel centres sit at +0.5
+#     (the same for y with H);
 #   - bilinear between the neighbours x0 = floor(ix), x0 + 1 and y0 = floor(iy), y0 + 1 with weights
 #     nw (1-fy)(1-fx), ne (1-fy)fx, sw fy(1-fx), se fy fx, where fx = ix - x0 and fy = iy - y0;
 #   - a neighbour outside the map reads as zero and gets no gradient. A location with ix < -1, ix >= W, iy < -1 or
-#     iy >= H has no neighbour inside and adds nothing; at ix = -1 exactly the east neighbours are inside with weight 0:
-#     they add nothing to the output but do to the location's gradient, as in grid_sample.
-# torch's rounding, copied by the CPU forward so that its float32 output equals the readable version's bit for bit
-# (one ulp off in a sample grows to 1e-4 in Grounding DINO's logits). x86 torch runs its AVX2 kernels (built with FMA:
-# GCC fuses a * b + c) for grid_sample and sum also on AVX512 CPUs, as REGISTER_DISPATCH leaves them no AVX512 slot
-# (ATen/native/DispatchStub.h). Other builds (DEFAULT, ARM) round otherwise.
+#     iy >= H adds nothing; at ix = -1 exactly the east neighbours weigh 0: they add nothing to the output but do to
+#     the location's gradient, as in grid_sample.
+
+
+# -----------------------------------------------------------------------------
+# Rounding as torch rounds: why the CPU forward gives the readable version's float32 bits
+#
+# The models' parity with transformers is bit for bit, and one ulp off in a sample grows to 1e-4 in Grounding DINO's
+# logits (the top-k turns it into other queries). So the CPU forward rounds and adds in torch's order. x86 torch runs
+# its AVX2 kernels (built with FMA: GCC fuses a * b + c) for grid_sample and sum also on AVX512 CPUs, as
+# REGISTER_DISPATCH leaves them no AVX512 slot (ATen/native/DispatchStub.h). Other builds (DEFAULT, ARM) round
+# otherwise, and there backend "auto" picks the readable version (common.resolve_backend).
 #   - grid_sample (ATen/native/cpu/GridSamplerKernel.cpp, ComputeLocationBase::unnormalize, ApplyGridSample):
-#     ix = fma(g + 1, W / 2, -0.5) with g = 2x - 1 (pixel() rounds it once through float64, exact for float32 x);
+#     ix = fma(g + 1, W / 2, -0.5) with g = 2x - 1 (pixel() rounds it once through float64, exact for float32 x), so
+#     a location on a pixel centre falls on the same side of the floor, where the gradient jumps;
 #     weights rounded products; sample = fma(se, w_se, fma(sw, w_sw, fma(ne, w_ne, nw * w_nw))), outside read as 0;
 #   - sample * attention weight, rounded; then the sum over P (ATen/native/cpu/SumKernel.cpp, cascade_sum), in vectors
 #     of 32 bytes (width = 8 floats): whole vectors take turns over four vector sums (the last P // width % 4 go into
@@ -68,7 +75,6 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #     points add up as (x0 + x8) + (x1 + x9) + ... + (x7 + x15), 12 as x8 + x9 + x10 + x11 + x0 + x1 + ... + x7, left
 #     to right (sum_plan). From 512 float32 points on torch nests its sums a level deeper, which we do not copy.
 SUM_VECTOR_BYTES = 32  # torch's AVX2 vector, whose width sets its sum's order
-QUERY_BLOCK = 64  # queries per task of the CPU forward, whose scratch arrays are allocated once per task
 
 
 @njit(cache=True)
@@ -80,32 +86,15 @@ def pixel(x, size, t):
     return t((t(2) * x - t(1) + t(1)) * (size / 2) - 0.5)
 
 
-# -----------------------------------------------------------------------------
-# 1. Numba CPU
-
-
 @intrinsic
 def fma(typingctx, a, b, c):
     """a * b + c rounded once: LLVM's fma, which numba does not offer and LLVM never forms from a * b + c itself."""
     return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
 
 
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Ask the CPU to start loading the cache line of array[index]: LLVM's prefetch (a read, kept in every cache)."""
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, cgutils.unpack_tuple(builder, args[1]))
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        builder.call(builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty), [ptr, i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.none(array, index), codegen
-
-
 @njit(cache=True)
 def sum_plan(P, width):
-    """torch's sum of P numbers x_p (the rule) as steps (p, into, keep, add): into = (into if keep else 0) + ((other if
+    """torch's sum of P numbers x_p (above) as steps (p, into, keep, add): into = (into if keep else 0) + ((other if
     add else 0) + x_p), into 0 s, 1 r (other s) or 2 acc (other r), the result. acc adds the tail, then lane by lane
     r = ((s_0 + s_1) + s_2) + s_3, s_k the lane's numbers in vector sum k: a sum's last number also adds the sum into
     the next, so no sum takes a pass of its own (from 8 vectors on a lane may need one more step, adding x_P = 0)."""
@@ -129,13 +118,33 @@ def sum_plan(P, width):
     return steps
 
 
+
+# -----------------------------------------------------------------------------
+# 1. Numba CPU
+
+QUERY_BLOCK = 64  # queries per task of the CPU forward, whose scratch arrays are allocated once per task
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to start loading the cache line of array[index]: LLVM's prefetch (a read, kept in every cache)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, cgutils.unpack_tuple(builder, args[1]))
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        builder.call(builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty), [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.none(array, index), codegen
+
+
 @njit(parallel=True, cache=True)
 def cpu_forward(value, levels, loc, attn, out):
     """out[b, q, h*hD + j] = sum over points p of attn[b, q, h, p] * bilinear sample of value[b, :, h, j] at p.
 
     Threads take blocks of queries, all heads of each (their channels sit side by side). Per head, each point's four
     neighbours (token, weight), their rows prefetched, then a loop over channels per point in the order of torch's
-    sum (sum_plan), vectorised by LLVM. Rounding as the readable version's (the rule): float32 equals it bit for bit."""
+    sum (sum_plan), vectorised by LLVM. Rounding as torch's (above): float32 equals the readable version bit for bit."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type  # typed constants keep float32 arithmetic float32 (a Python number would promote to float64)
@@ -186,7 +195,7 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
     One thread per (b, h): it alone writes grad_value[b, :, h, :], so every sum runs in one fixed order and the
     result is the same bit for bit whatever the number of threads (atomics would make it vary run to run). The price
     is B*nH-way parallelism, plenty for 2 to 8 cores. fastmath "reassoc" lets LLVM vectorise the dot products over
-    channels by reordering their sums: 1.8x faster, float32 gradients as close to the readable version's as before."""
+    channels by reordering their sums: faster, and float32 gradients as close to the readable version's as before."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type
