@@ -22,9 +22,10 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   6. feature enhancer   6 x (image-text fusion, text self-attention, deformable self-attention on the image)
   7. query selection    encoder proposals scored against the text; the top 900 become the decoder's boxes
   8. decoder            6 x (self-attention, text cross-attention, deformable cross-attention, FFN, box refinement)
-  9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh
+  9. heads, the model   contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh;
+                        GroundingDino.forward (sections 3-9 in order) and detect
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
- 11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, detect, chunking
+ 11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, chunking of long prompts
  12. command line
 
 Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
