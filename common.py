@@ -6,6 +6,7 @@
 4. loading: a Hub id or a local folder -> files (huggingface_hub); safetensors -> model through an explicit key map
 5. drawing: detections over the image, saved as PNG (matplotlib)
 6. stage dumps: save named tensors with metadata; `python common.py compare A B`
+7. training: labels checked, the Hungarian matcher (scipy), focal class cost, box IoU/GIoU, L1 and GIoU losses
 
 Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
 """
@@ -382,6 +383,93 @@ def compare_stages(a: str | Path, b: str | Path) -> list[tuple[str, str, float, 
             rel = (d / y.abs().clamp(min=1e-12)).max().item() if d.numel() else 0.0
             rows.append((name, str(tuple(x.shape)), d.max().item() if d.numel() else 0.0, rel))
     return rows
+
+
+# -----------------------------------------------------------------------------
+# 7. Training: set matching and box losses (DETR's set loss, shared by both models)
+#
+# Labels follow transformers: per image a dict with "class_labels" (n,) int64 and "boxes" (n, 4) cx, cy, w, h
+# normalised to [0, 1]. A prediction is matched to at most one object by the Hungarian algorithm on a cost
+# (class + L1 + GIoU); matched pairs get the box losses, the rest learn "no object" through the class loss.
+
+
+def check_labels(labels, batch_size: int, num_classes: int) -> None:
+    """Raise InputError naming the image (and box) when labels break the convention above; n = 0 is valid."""
+    if not isinstance(labels, (list, tuple)) or len(labels) != batch_size:
+        got = f"{len(labels)} entries" if isinstance(labels, (list, tuple)) else type(labels).__name__
+        raise InputError(f"labels must be a list with one dict per image ({batch_size}), got {got}")
+    for i, t in enumerate(labels):
+        if not isinstance(t, dict) or not {"class_labels", "boxes"} <= set(t):
+            raise InputError(f"labels[{i}] must be a dict with 'class_labels' (n,) and 'boxes' (n, 4)")
+        c, b = t["class_labels"], t["boxes"]
+        if not isinstance(c, torch.Tensor) or c.ndim != 1 or c.is_floating_point() or c.is_complex():
+            raise InputError(f"labels[{i}]['class_labels'] must be a 1-D integer tensor, got {getattr(c, 'dtype', c)}")
+        if not isinstance(b, torch.Tensor) or b.shape != (len(c), 4) or not b.is_floating_point():
+            raise InputError(f"labels[{i}]['boxes'] must be a float tensor ({len(c)}, 4) (cx, cy, w, h), "
+                             f"got {tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', type(b).__name__)}")
+        bad_class = ((c < 0) | (c >= num_classes)).nonzero()
+        if len(bad_class):
+            j = bad_class[0].item()
+            raise InputError(f"image {i}, box {j}: class id {c[j].item()} is outside [0, {num_classes}) of the head")
+        bad_box = (~((b >= 0) & (b <= 1)).all(-1) | (b[:, 2] <= 0) | (b[:, 3] <= 0)).nonzero()
+        if len(bad_box):
+            j = bad_box[0].item()
+            raise InputError(f"image {i}, box {j}: {b[j].tolist()} is not a normalised (cx, cy, w, h) box: every "
+                             f"value must lie in [0, 1] and w, h > 0 (divide pixel boxes by the image size)")
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xyxy (N, 4), (M, 4) -> IoU (N, M) and the union areas (N, M)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
+    top_left = torch.max(a[:, None, :2], b[:, :2])  # (N, M, 2)
+    bottom_right = torch.min(a[:, None, 2:], b[:, 2:])  # (N, M, 2)
+    wh = (bottom_right - top_left).clamp(min=0)  # (N, M, 2)
+    inter = wh[:, :, 0] * wh[:, :, 1]  # (N, M)
+    union = area_a[:, None] + area_b - inter  # (N, M)
+    return inter / union, union
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU (Rezatofighi et al. 2019) = IoU - (hull - union) / hull, for xyxy (N, 4), (M, 4) -> (N, M)."""
+    if not (a[:, 2:] >= a[:, :2]).all() or not (b[:, 2:] >= b[:, :2]).all():  # inverted boxes give NaN below
+        raise ValueError("generalized_box_iou needs xyxy boxes with x1 >= x0 and y1 >= y0")
+    iou, union = box_iou(a, b)
+    top_left = torch.min(a[:, None, :2], b[:, :2])  # (N, M, 2) the smallest box holding both
+    bottom_right = torch.max(a[:, None, 2:], b[:, 2:])  # (N, M, 2)
+    wh = (bottom_right - top_left).clamp(min=0)  # (N, M, 2)
+    hull = wh[:, :, 0] * wh[:, :, 1]  # (N, M)
+    return iou - (hull - union) / hull
+
+
+def focal_cost(prob: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """The focal loss's class cost of a match (as the matcher uses it): the loss if the class were positive minus
+    the loss if it were negative, on probabilities, elementwise; the 1e-8 keeps log(0) out."""
+    neg = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
+    pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
+    return pos - neg
+
+
+def hungarian_match(cost: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """cost (B, Q, N_total), the objects of all images side by side, sizes[i] of them image i's ->
+    per image (query indices, object indices), int64, sorted by query, min(Q, n_i) pairs.
+
+    NaN and +-inf costs become the largest float of the dtype, so such a pair is picked only when nothing else is
+    left (a diverged prediction must not crash training; a high loss shows it)."""
+    from scipy.optimize import linear_sum_assignment  # the one use of scipy: imported only when training
+
+    big = torch.finfo(cost.dtype).max
+    cost = torch.nan_to_num(cost.detach(), nan=big, posinf=big, neginf=big).cpu()  # (B, Q, N_total)
+    pairs = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]  # c (B, Q, n_i)
+    return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(o, dtype=torch.int64)) for q, o in pairs]
+
+
+def box_losses(src_boxes: torch.Tensor, target_boxes: torch.Tensor, num_boxes: float) -> dict[str, torch.Tensor]:
+    """Matched pairs, cxcywh (K, 4) each -> L1 summed over pairs and coordinates, and 1 - GIoU summed over pairs,
+    both / num_boxes (the objects in the batch, at least 1)."""
+    loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none").sum() / num_boxes
+    giou = torch.diag(generalized_box_iou(center_to_corners(src_boxes), center_to_corners(target_boxes)))  # (K,)
+    return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
 
 def _main() -> int:
