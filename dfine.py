@@ -4,8 +4,9 @@ Paper: "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution R
 Mirrors transformers 5.23 `DFineForObjectDetection` (modeling_d_fine.py, modeling_hgnet_v2.py) and its PIL RT-DETR
 image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints as they are:
 `ustc-community/dfine-{nano,small,medium,large,xlarge}-coco`, `dfine-{small,medium,large,xlarge}-obj365` (366
-classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Left out: training (losses, denoising
-queries, dropout), the unused "discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
+classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Training (section 9) matches
+transformers' loss and gradients. Left out: dropout (0 in every config), the unused "discrete" sampling method, and
+wide layers after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
   1. config            config.json -> a flat dataclass
@@ -16,9 +17,10 @@ Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers
   6. decoder           self-attention, deformable cross-attention, gate; FDR edge distributions; LQE
   7. the model         forward as a short list of the stages above; detect; from_pretrained
   8. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
-  9. the key map       Hub key names (4.x and 5.x) -> this file's module names
- 10. fast inference    an option: batch norms folded into the convs, not bit-exact (off by default)
- 11. command line
+  9. training          denoising queries, Hungarian matching, VFL, L1, GIoU, FGL, DDF; initial weights
+ 10. the key map       Hub key names (4.x and 5.x) -> this file's module names
+ 11. fast inference    an option: batch norms folded into the convs, not bit-exact (off by default)
+ 12. command line
 
 Shapes: B batch, C channels, H W map size, S tokens of all levels, Q queries (300), L levels, P points (all levels),
 nH heads, hD head dim, d model width, K classes, N bins (max_num_bins = 32, so N + 1 = 33 bin edges).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -108,6 +111,26 @@ class DFineConfig:
     max_num_bins: int = 32
     anchor_image_size: list[int] | None = None  # when set, anchors are fixed to that size; we refuse both
     id2label: dict[int, str] = field(default_factory=dict)
+    # training (section 9)
+    num_denoising: int = 100  # denoising queries per batch (at most; whole groups of the objects); 0 turns them off
+    label_noise_ratio: float = 0.5  # half of it is the share of denoising labels replaced by a random class
+    box_noise_scale: float = 1.0  # denoising corners move by up to this many half box sizes (negatives: 1-2x that)
+    matcher_class_cost: float = 2.0  # matching cost = class * focal cost + bbox * L1 + giou * (-GIoU)
+    matcher_bbox_cost: float = 5.0
+    matcher_giou_cost: float = 2.0
+    matcher_alpha: float = 0.25  # the focal class cost's alpha and gamma
+    matcher_gamma: float = 2.0
+    focal_loss_alpha: float = 0.75  # VFL: negatives weighted by alpha * score^gamma
+    focal_loss_gamma: float = 2.0
+    weight_loss_vfl: float = 1.0  # each term's weight in the summed loss
+    weight_loss_bbox: float = 5.0
+    weight_loss_giou: float = 2.0
+    weight_loss_fgl: float = 0.15
+    weight_loss_ddf: float = 1.5
+    reg_scale: float = 4.0  # W(n)'s curvature and range for a model built from the config (checkpoints hold theirs)
+    up: float = 0.5
+    initializer_bias_prior_prob: float | None = None  # initial class probability; None: 0.01, as the original
+    use_pre_outputs_loss: bool = False  # not a Hub field: the original's extra loss on the pre-box head (README)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "DFineConfig":
@@ -354,14 +377,14 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x, pos):  # x, pos (B, N, d)
+    def forward(self, x, pos, mask=None):  # x, pos (B, N, d); mask (N, N) added to the scores (denoising only)
         B, N, d = x.shape
         qk = x + pos
         q = self.q_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
         k = self.k_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
         v = self.v_proj(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
         # the same SDPA call transformers makes by default: its kernel's rounding is part of the reference
-        a = F.scaled_dot_product_attention(q, k, v, scale=(d // self.heads) ** -0.5)  # (B, nH, N, hD)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=(d // self.heads) ** -0.5)  # (B,nH,N,hD)
         return self.out_proj(a.transpose(1, 2).reshape(B, N, d))  # (B, N, d)
 
 
@@ -579,8 +602,8 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.act = ACT[cfg.decoder_activation_function]
 
-    def forward(self, h, pos, ref, memory, spatial_shapes, backend="auto"):  # h, pos (B, Q, d); ref (B, Q, 1, 4)
-        h = self.self_attn_layer_norm(h + self.self_attn(h, pos))
+    def forward(self, h, pos, ref, memory, spatial_shapes, backend="auto", mask=None):  # h, pos (B, Q, d)
+        h = self.self_attn_layer_norm(h + self.self_attn(h, pos, mask))  # ref (B, Q, 1, 4)
         x, loc, w = self.encoder_attn(h + pos, ref, memory, spatial_shapes, backend)
         h = self.gateway(h, x)
         h = h + self.fc2(self.act(self.fc1(h)))
@@ -645,32 +668,40 @@ class Decoder(nn.Module):
         self.pre_bbox_head = MLP(d, d, 4, 3)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_layers))
         self.bbox_embed = nn.ModuleList(MLP(d, d, 4 * (cfg.max_num_bins + 1), 3) for _ in range(n_layers))
-        # class heads and LQEs of every layer are in the checkpoint; inference uses the last ones only
+        # a class head and an LQE per layer: every layer's classes are supervised in training
         self.class_embed = nn.ModuleList(nn.Linear(d, K) for _ in range(n_layers))
         self.lqe_layers = nn.ModuleList(LQE(cfg) for _ in range(n_layers))
         self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: X's file says 8, its config 4
         self.register_buffer("up", torch.tensor([0.5]))
 
-    def forward(self, target, ref_unact, memory, spatial_shapes, backend="auto") -> dict:
+    def forward(self, target, ref_unact, memory, spatial_shapes, backend="auto", mask=None) -> dict:
+        """mask: the denoising queries' attention mask (training, section 9), else None.
+        Each layer's box is passed on detached, as upstream: a layer learns its own refinement, and gradients reach
+        the earlier layers through the hidden state and the corner logits only."""
         project = weighting_function(self.max_num_bins, self.up, self.reg_scale)  # (N+1,)
         ref = torch.sigmoid(ref_unact)  # (B, Q, 4) cxcywh in [0, 1]
         h, prev_h, prev_corners = target, 0, 0
-        out = {"hidden": [], "boxes": [], "corners": [], "sampling_locations": [], "attention_weights": []}
+        out = {"hidden": [], "boxes": [], "corners": [], "scores": [], "layer_logits": [], "sampling_locations": [],
+               "attention_weights": []}
         for i, layer in enumerate(self.layers):
             pos = self.query_pos_head(ref).clamp(min=-10, max=10)  # (B, Q, d)
-            h, loc, w = layer(h, pos, ref[:, :, None], memory, spatial_shapes, backend)  # ref (B, Q, 1, 4)
+            h, loc, w = layer(h, pos, ref[:, :, None], memory, spatial_shapes, backend, mask)  # ref (B, Q, 1, 4)
             out["sampling_locations"].append(loc)  # (B, Q, nH, P, 2) in [0, 1]: where each head looked
             out["attention_weights"].append(w)  # (B, Q, nH, P): how much each sample counted
             if i == 0:  # the initial box all FDR distances are measured from, fixed for every later layer
-                out["initial_box"] = ref0 = torch.sigmoid(self.pre_bbox_head(h) + inverse_sigmoid(ref))  # (B, Q, 4)
+                out["initial_box"] = torch.sigmoid(self.pre_bbox_head(h) + inverse_sigmoid(ref))  # (B, Q, 4)
+                ref0 = out["initial_box"].detach()
             corners = self.bbox_embed[i](h + prev_h) + prev_corners  # (B, Q, 4*(N+1)): residual in logit space
-            ref = distance2bbox(ref0, integral(corners, project), self.reg_scale)  # (B, Q, 4): next layer's ref
-            prev_h, prev_corners = h, corners
+            box = distance2bbox(ref0, integral(corners, project), self.reg_scale)  # (B, Q, 4)
+            ref, prev_h, prev_corners = box.detach(), h.detach(), corners  # next layer's reference box
             out["hidden"].append(h)
-            out["boxes"].append(ref)
+            out["boxes"].append(box)
             out["corners"].append(corners)
-        out["logits"] = self.lqe_layers[-1](self.class_embed[-1](h), corners)  # (B, Q, K), LQE included
-        out["pred_boxes"] = ref
+            # every layer's class logits: training supervises each, inference reads the last (the detections)
+            out["scores"].append(self.class_embed[i](h))  # (B, Q, K) before LQE
+            out["layer_logits"].append(self.lqe_layers[i](out["scores"][-1], corners))  # (B, Q, K), LQE included
+        out["logits"] = out["layer_logits"][-1]
+        out["pred_boxes"] = box
         return out
 
 
@@ -683,6 +714,8 @@ class DFineOutput:
     logits: torch.Tensor  # (B, Q, K) class logits (sigmoid for scores)
     pred_boxes: torch.Tensor  # (B, Q, 4) cxcywh, normalised to the input
     stages: dict | None = None  # every stage's tensors, in data-flow order, when return_stages=True
+    loss: torch.Tensor | None = None  # with labels: the weighted sum of loss_dict (section 9)
+    loss_dict: dict | None = None  # every weighted term under transformers' name
 
 
 class DFine(nn.Module):
@@ -700,6 +733,10 @@ class DFine(nn.Module):
         self.enc_score_head = nn.Linear(d, len(cfg.id2label))
         self.enc_bbox_head = MLP(d, d, 4, 3)
         self.decoder = Decoder(cfg)
+        if cfg.num_denoising > 0:  # training only: the class embedding of the denoising queries (K: padding)
+            K = len(cfg.id2label)
+            self.denoising_class_embed = nn.Embedding(K + 1, d, padding_idx=K)
+        init_weights(self)  # from scratch as the original; from_pretrained then overwrites every tensor
 
     def encode(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         proj = [p(m) for p, m in zip(self.encoder_input_proj, maps)]  # L x (B, C, H_l, W_l)
@@ -724,18 +761,29 @@ class DFine(nn.Module):
                 "enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
                 "target": target, "init_reference_points": ref_unact}
 
-    def forward(self, pixel_values: torch.Tensor, return_stages: bool = False) -> DFineOutput:
+    def forward(self, pixel_values: torch.Tensor, labels: list[dict] | None = None,
+                return_stages: bool = False) -> DFineOutput:
+        """labels (transformers' convention, section 9): per image {"class_labels": (n,), "boxes": (n, 4) cxcywh in
+        [0, 1]}; then .loss and .loss_dict are set, with denoising queries in train mode."""
         B, C, H, W = pixel_values.shape if pixel_values.ndim == 4 else (0, 0, 1, 1)
         weight = self.enc_score_head.weight
         if C != 3 or H % 32 or W % 32 or pixel_values.dtype != weight.dtype or pixel_values.device != weight.device:
             raise InputError(f"pixel_values must be (B, 3, H, W) with H, W multiples of 32, {weight.dtype} on "
                              f"{weight.device} as the model; got {tuple(pixel_values.shape)} {pixel_values.dtype} on "
                              f"{pixel_values.device}; use dfine.preprocess")
+        if labels is not None:
+            common.check_labels(labels, B, self.enc_score_head.out_features)
         pixel_values = pixel_values.contiguous()  # a channels-last input would change conv rounding (see preprocess)
         maps = self.backbone(pixel_values)  # L x (B, C_l, H_l, W_l), strides 8/16/32
         feats = self.encode(maps)  # L x (B, C, H_l, W_l)
         q = self.select_queries(feats)  # top-Q proposals from the encoder tokens
-        dec = self.decoder(q["target"], q["init_reference_points"], q["memory"], q["spatial_shapes"], self.backend)
+        # the queries enter the decoder detached, as upstream: the encoder head learns from its own loss only
+        target, ref_unact, mask = q["target"].detach(), q["init_reference_points"].detach(), None
+        dn = denoising_queries(self, labels) if self.training and labels is not None else None  # section 9
+        if dn is not None:  # training: D denoising queries in front of the Q queries, kept apart by the mask
+            target = torch.cat([dn["queries"], target], dim=1)  # (B, D + Q, d)
+            ref_unact, mask = torch.cat([dn["boxes_unact"], ref_unact], dim=1), dn["attn_mask"]  # (B, D + Q, 4)
+        dec = self.decoder(target, ref_unact, q["memory"], q["spatial_shapes"], self.backend, mask)
         stages = None
         if return_stages:
             stages = {"pixel_values": pixel_values, "backbone": maps, "encoder": feats,
@@ -745,7 +793,9 @@ class DFine(nn.Module):
                       "decoder_initial_box": dec["initial_box"], "decoder_hidden": dec["hidden"],
                       "decoder_boxes": dec["boxes"], "decoder_corners": dec["corners"],
                       "logits": dec["logits"], "pred_boxes": dec["pred_boxes"]}
-        return DFineOutput(dec["logits"], dec["pred_boxes"], stages)
+        loss, loss_dict = dfine_loss(self, q, dec, labels, dn) if labels is not None else (None, None)
+        n_dn = 0 if dn is None else dn["num"]  # the Q queries' outputs only
+        return DFineOutput(dec["logits"][:, n_dn:], dec["pred_boxes"][:, n_dn:], stages, loss, loss_dict)
 
     @torch.inference_mode()
     def detect(self, images, threshold: float = 0.5) -> list[dict]:
@@ -762,7 +812,7 @@ class DFine(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
                         backend: str = "auto") -> "DFine":
-        """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 9).
+        """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 10).
         backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one)."""
         common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
         folder = common.resolve_checkpoint(name_or_path, revision)
@@ -800,7 +850,224 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
 
 
 # -----------------------------------------------------------------------------
-# 9. The key map: Hub checkpoint names -> this file's module names
+# 9. Training: denoising queries, Hungarian matching, the loss terms, initial weights
+#
+# With labels, forward returns the loss transformers 5.23 computes, term for term, each weighted by the config:
+#   main          the last layer's Q queries: VFL, L1, GIoU (matched by the Hungarian algorithm)
+#   _aux_k        k < L-1: entry k of [pre-box head + class head 0, layer 0, layer 1, ..] with layer k's corners:
+#                 VFL, L1, GIoU, FGL and DDF (transformers' pairing; the README says how the original differs)
+#   _aux_{L-1}    the encoder's top-Q proposals: VFL, L1, GIoU
+#   _dn_k         k < L: the same entries for the denoising queries, each matched to the object it was made from
+# VFL: varifocal loss, the IoU as the soft target of the matched class. FGL: each edge's distribution pushed
+# towards the two bins around the true edge. DDF (GO-LSD): every layer's distributions distilled from the last's.
+
+
+def denoising_queries(model: "DFine", labels: list[dict]) -> dict | None:
+    """Contrastive denoising groups (DN-DETR, DINO): every object twice per group, a positive (corners moved by under
+    half its size, to reconstruct) and a negative (moved by 1-2 halves, to reject), some labels replaced at random.
+    The random calls are transformers', in its order, so the same torch seed gives the same groups."""
+    cfg, n_gt = model.cfg, [len(t["class_labels"]) for t in labels]
+    K, M, B, device = model.enc_score_head.out_features, max(n_gt), len(labels), labels[0]["class_labels"].device
+    if cfg.num_denoising <= 0 or M == 0:
+        return None
+    G = max(cfg.num_denoising // M, 1)  # groups
+    cls = torch.full([B, M], K, dtype=torch.int32, device=device)  # (B, M): padded with the no-object id K
+    box = torch.zeros([B, M, 4], device=device)
+    real = torch.zeros([B, M], dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(labels, n_gt)):
+        cls[i, :n], box[i, :n], real[i, :n] = t["class_labels"], t["boxes"], True
+    cls, box, real = cls.tile([1, 2 * G]), box.tile([1, 2 * G, 1]), real.tile([1, 2 * G])  # (B, D) .. D = 2GM
+    negative = torch.zeros([B, 2 * M, 1], device=device)
+    negative[:, M:] = 1
+    negative = negative.tile([1, G, 1])  # (B, D, 1): the second half of each group
+    positive_idx = torch.nonzero((1 - negative).squeeze(-1) * real)[:, 1].split([n * G for n in n_gt])
+    if cfg.label_noise_ratio > 0:
+        flip = torch.rand_like(cls, dtype=torch.float) < cfg.label_noise_ratio * 0.5  # (B, D)
+        cls = torch.where(flip & real, torch.randint_like(flip, 0, K, dtype=cls.dtype), cls)
+    if cfg.box_noise_scale > 0:
+        corners = center_to_corners(box)  # (B, D, 4)
+        half = torch.tile(box[..., 2:] * 0.5, [1, 1, 2]) * cfg.box_noise_scale  # (B, D, 4): w/2, h/2, w/2, h/2
+        sign = torch.randint_like(box, 0, 2) * 2.0 - 1.0
+        part = torch.rand_like(box)
+        part = (part + 1.0) * negative + part * (1 - negative)  # in [0, 1) for positives, [1, 2) for negatives
+        corners = (corners + part * sign * half).clip(min=0.0, max=1.0)
+        box = inverse_sigmoid(common.corners_to_center(corners))  # (B, D, 4) box logits
+    D, Q = 2 * G * M, cfg.num_queries
+    mask = torch.zeros([D + Q, D + Q], device=device)  # added to the self-attention scores
+    mask[D:, :D] = -torch.inf  # the Q queries must not see the objects hidden in the denoising queries
+    for g in range(G):  # nor a group the other groups
+        mask[2 * M * g: 2 * M * (g + 1), : 2 * M * g] = -torch.inf
+        mask[2 * M * g: 2 * M * (g + 1), 2 * M * (g + 1): D] = -torch.inf
+    return {"queries": model.denoising_class_embed(cls), "boxes_unact": box, "attn_mask": mask,
+            "positive_idx": positive_idx, "groups": G, "num": D}
+
+
+@torch.no_grad()
+def match(o: dict, labels: list[dict], cfg: DFineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each image's objects to distinct queries, at the least total cost (transformers' RT-DETR matcher)."""
+    B, Q, _ = o["logits"].shape
+    ids, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])  # (N,)..
+    prob = o["logits"].flatten(0, 1).sigmoid()[:, ids]  # (B*Q, N): each query's probability of each object's class
+    pred = o["boxes"].flatten(0, 1)  # (B*Q, 4)
+    giou = common.generalized_box_iou(center_to_corners(pred), center_to_corners(boxes))  # (B*Q, N)
+    cost = (cfg.matcher_bbox_cost * torch.cdist(pred, boxes, p=1)
+            + cfg.matcher_class_cost * common.focal_cost(prob, cfg.matcher_alpha, cfg.matcher_gamma)
+            + cfg.matcher_giou_cost * -giou)  # (B*Q, N)
+    return common.hungarian_match(cost.view(B, Q, -1), [len(t["boxes"]) for t in labels])
+
+
+def edge_targets(ref: torch.Tensor, gt: torch.Tensor, n_bins: int, reg_scale, up):
+    """FGL's target: each true edge's distance from the reference box (xyxy gt, cxcywh ref, (K, 4) each) in W(n)'s
+    units, as the index of the bin edge left of it and the weights of that edge and the next -> (4K,) each."""
+    rs = abs(reg_scale)
+    w, h = ref[:, 2] / rs + 1e-16, ref[:, 3] / rs + 1e-16  # (K,) box size per unit of distance
+    d = torch.stack([(ref[:, 0] - gt[:, 0]) / w - 0.5 * rs, (ref[:, 1] - gt[:, 1]) / h - 0.5 * rs,
+                     (gt[:, 2] - ref[:, 0]) / w - 0.5 * rs, (gt[:, 3] - ref[:, 1]) / h - 0.5 * rs], -1).reshape(-1)
+    edges = weighting_function(n_bins, up, reg_scale)  # (N+1,)
+    idx = (((edges[None] - d[:, None]) <= 0).sum(1) - 1).float()  # (4K,) the last edge <= d; -1 below them all
+    w_right, w_left = torch.zeros_like(idx), torch.zeros_like(idx)
+    inside = (idx >= 0) & (idx < n_bins)
+    i = idx[inside].long()
+    left, right = (d[inside] - edges[i]).abs(), (edges[i + 1] - d[inside]).abs()
+    w_right[inside] = left / (left + right)  # linear interpolation between the two edges
+    w_left[inside] = 1.0 - w_right[inside]
+    below, above = idx < 0, idx >= n_bins  # outside W(n): all weight on the end bin
+    w_right[below], w_left[below], idx[below] = 0.0, 1.0, 0.0
+    w_right[above], w_left[above], idx[above] = 1.0, 0.0, n_bins - 0.1
+    return idx.clamp(min=0, max=n_bins - 0.1), w_right, w_left
+
+
+def set_losses(o: dict, labels: list[dict], indices: list, num_boxes: float, model: "DFine",
+               teacher: dict | None = None) -> dict[str, torch.Tensor]:
+    """One output's terms (unweighted): VFL, L1 and GIoU; with corners also FGL and, from the teacher, DDF."""
+    cfg, logits, n_bins = model.cfg, o["logits"], model.cfg.max_num_bins
+    idx = (torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]),
+           torch.cat([q for q, _ in indices]))  # (batch, query) of every matched pair
+    gt = torch.cat([t["boxes"][j] for t, (_, j) in zip(labels, indices)])  # (K, 4)
+    iou = torch.diag(common.box_iou(center_to_corners(o["boxes"][idx].detach()), center_to_corners(gt))[0])  # (K,)
+    # VFL: binary cross-entropy on every (query, class) against IoU for the matched class, 0 elsewhere
+    classes = torch.full(logits.shape[:2], logits.shape[2], dtype=torch.int64, device=logits.device)  # (B, Q)
+    classes[idx] = torch.cat([t["class_labels"][j] for t, (_, j) in zip(labels, indices)])
+    onehot = F.one_hot(classes, logits.shape[2] + 1)[..., :-1]  # (B, Q, K), the no-object column dropped
+    score = torch.zeros_like(classes, dtype=logits.dtype)
+    score[idx] = iou.to(logits.dtype)
+    score = score.unsqueeze(-1) * onehot  # (B, Q, K)
+    weight = (cfg.focal_loss_alpha * logits.detach().sigmoid().pow(cfg.focal_loss_gamma) * (1 - onehot) + score)
+    vfl = F.binary_cross_entropy_with_logits(logits, score, weight=weight.to(logits.dtype), reduction="none")
+    losses = {"loss_vfl": vfl.mean(1).sum() * logits.shape[1] / num_boxes, **common.box_losses(o["boxes"][idx], gt,
+                                                                                                  num_boxes)}
+    if "corners" not in o:
+        return losses
+    # FGL: cross-entropy of each matched edge's distribution against the two bins around the true edge, by IoU
+    corners = o["corners"][idx].reshape(-1, n_bins + 1)  # (4K, N+1)
+    bins, w_right, w_left = edge_targets(o["ref"][idx].detach(), center_to_corners(gt), n_bins,
+                                         model.decoder.reg_scale, model.decoder.up)
+    iou = torch.diag(common.box_iou(center_to_corners(o["boxes"][idx]), center_to_corners(gt))[0])  # (K,)
+    iou4 = iou.unsqueeze(-1).repeat(1, 1, 4).reshape(-1).detach()  # (4K,)
+    fgl = (F.cross_entropy(corners, bins.long(), reduction="none") * w_left.reshape(-1)
+           + F.cross_entropy(corners, bins.long() + 1, reduction="none") * w_right.reshape(-1))
+    losses["loss_fgl"] = (fgl * iou4.float()).sum() / num_boxes
+    # DDF: KL of every query's edge distributions (temperature T) from the last layer's, weighted by the teacher's
+    # score (unmatched) or the IoU (matched); the two groups averaged apart and mixed by sqrt of their sizes
+    T, pred = 5, o["corners"].reshape(-1, n_bins + 1)  # (B*Q*4, N+1)
+    target = teacher["corners"].reshape(-1, n_bins + 1)
+    if torch.equal(pred, target):  # the last layer is its own teacher
+        losses["loss_ddf"] = pred.sum() * 0
+        return losses
+    w = teacher["logits"].sigmoid().max(dim=-1)[0]  # (B, Q)
+    pos = torch.zeros_like(w, dtype=torch.bool)
+    pos[idx] = True
+    pos = pos.unsqueeze(-1).repeat(1, 1, 4).reshape(-1)  # (B*Q*4,)
+    w[idx] = iou.reshape_as(w[idx]).to(w.dtype)
+    w = w.unsqueeze(-1).repeat(1, 1, 4).reshape(-1).detach()  # (B*Q*4,)
+    kl = F.kl_div(F.log_softmax(pred / T, dim=1), F.softmax(target.detach() / T, dim=1), reduction="none").sum(-1)
+    kl = w * (T**2) * kl  # (B*Q*4,)
+    per_image = 1 / logits.shape[0]
+    n_pos, n_neg = (pos.sum() * per_image) ** 0.5, ((~pos).sum() * per_image) ** 0.5
+    l_pos, l_neg = kl[pos].mean() if pos.any() else 0, kl[~pos].mean() if (~pos).any() else 0
+    losses["loss_ddf"] = (l_pos * n_pos + l_neg * n_neg) / (n_pos + n_neg)
+    return losses
+
+
+def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict | None):
+    """-> (loss, loss_dict): every output's terms, weighted by the config, under transformers' names."""
+    cfg = model.cfg
+    n_dn, L = 0 if dn is None else dn["num"], len(dec["corners"])
+    # the outputs as transformers lists them: entry 0 the pre-box head with class head 0 (no LQE), entry i+1 layer i
+    logits = [dec["scores"][0], *dec["layer_logits"]]  # L + 1 x (B, D + Q, K)
+    boxes = [b.clamp(min=0, max=1) for b in [dec["initial_box"], *dec["boxes"]]]  # L + 1 x (B, D + Q, 4)
+    ref0 = dec["initial_box"].detach()  # the box FDR measures every layer's edges from
+
+    def output(k: int, denoising: bool, corners: bool = True) -> dict:
+        part = slice(0, n_dn) if denoising else slice(n_dn, None)
+        o = {"logits": logits[k][:, part], "boxes": boxes[k][:, part]}
+        return o | ({"corners": dec["corners"][k][:, part], "ref": ref0[:, part]} if corners else {})
+
+    losses = {}
+
+    def add(suffix: str, o: dict, indices: list, num_boxes: float, teacher: dict | None = None) -> None:
+        for k, v in set_losses(o, labels, indices, num_boxes, model, teacher).items():
+            losses[k + suffix] = v * getattr(cfg, "weight_" + k)
+
+    num_boxes = float(max(sum(len(t["class_labels"]) for t in labels), 1))
+    o = output(L, False, corners=False)
+    add("", o, match(o, labels, cfg), num_boxes)
+    teacher = output(L - 1, False) | {"logits": logits[L][:, n_dn:]}
+    for k in range(L - 1):
+        o = output(k, False)
+        add(f"_aux_{k}", o, match(o, labels, cfg), num_boxes, teacher)
+    topk = q["topk_indices"][..., None].expand(-1, -1, logits[0].shape[-1])  # (B, Q, K)
+    o = {"logits": q["enc_outputs_class"].gather(1, topk), "boxes": q["init_reference_points"].sigmoid().clamp(0, 1)}
+    add(f"_aux_{L - 1}", o, match(o, labels, cfg), num_boxes)
+    if dn is not None:  # denoising query j of a group stands for object j: no matching needed
+        dn_indices = [(p, torch.arange(len(t["boxes"])).tile(dn["groups"])) for p, t in zip(dn["positive_idx"], labels)]
+        teacher = output(L - 1, True) | {"logits": logits[L][:, :n_dn]}
+        for k in range(L):
+            add(f"_dn_{k}", output(k, True), dn_indices, num_boxes * dn["groups"], teacher)
+    if cfg.use_pre_outputs_loss:  # the original's "pre_outputs": VFL, L1, GIoU on the pre-box head, own matching
+        o = output(0, False, corners=False)
+        add("_pre", o, match(o, labels, cfg), num_boxes)
+        if dn is not None:
+            add("_dn_pre", output(0, True, corners=False), dn_indices, num_boxes * dn["groups"])
+    return sum(losses.values()), losses
+
+
+@torch.no_grad()
+def init_weights(model: "DFine") -> None:
+    """A model built from a config starts as the original D-FINE does: class biases at the prior probability (every
+    query starts as 'nothing here', the focal-loss init), the last layer of every box head at 0 (boxes start at the
+    anchors, edges at W's centre), the sampling points on a ring (head h towards angle 2*pi*h/nH, the k-th point of a
+    level k steps out), uniform attention weights, gates at 0.5, frozen batch norms as the identity; xavier where
+    the original uses it; PyTorch's default elsewhere."""
+    cfg, d = model.cfg, model.decoder
+    p = cfg.initializer_bias_prior_prob or 0.01
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.fill_(1.0), m.running_var.fill_(1.0)
+        elif isinstance(m, DeformableAttention):
+            theta = torch.arange(m.heads, dtype=torch.float32) * (2.0 * math.pi / m.heads)  # (nH,)
+            ring = torch.stack([theta.cos(), theta.sin()], -1)  # (nH, 2)
+            ring = ring / ring.abs().max(-1, keepdim=True).values  # on the square's edge: max(|x|, |y|) = 1
+            steps = torch.cat([torch.arange(1, n + 1) for n in m.points])  # (P,) 1..n_l for every level
+            m.sampling_offsets.bias.copy_((ring[:, None, :] * steps[None, :, None]).flatten())  # (nH*P*2,)
+            for t in (m.sampling_offsets.weight, m.attention_weights.weight, m.attention_weights.bias):
+                t.zero_()
+        elif isinstance(m, Gate):  # sigmoid(0) = 0.5: the two streams mixed evenly
+            m.gate.weight.zero_(), m.gate.bias.zero_()
+        elif isinstance(m, DecoderLayer):
+            nn.init.xavier_uniform_(m.fc1.weight), nn.init.xavier_uniform_(m.fc2.weight)
+    for head in [model.enc_score_head, *d.class_embed]:
+        head.bias.fill_(-math.log((1 - p) / p))  # sigmoid(bias) = p
+    for mlp in [model.enc_bbox_head, d.pre_bbox_head, *d.bbox_embed, *(lqe.reg_conf for lqe in d.lqe_layers)]:
+        mlp.layers[-1].weight.zero_(), mlp.layers[-1].bias.zero_()
+    for w in [model.enc_output[0].weight, *(layer.weight for layer in d.query_pos_head.layers),
+              *(m[0].weight for m in model.decoder_input_proj if isinstance(m, nn.Sequential))]:
+        nn.init.xavier_uniform_(w)
+    d.reg_scale.fill_(cfg.reg_scale), d.up.fill_(cfg.up)
+
+
+# -----------------------------------------------------------------------------
+# 10. The key map: Hub checkpoint names -> this file's module names
 #
 # Hub files use transformers 4.x names; files re-saved by other 5.x tools may use the 5.x ones. Both load.
 #   model.backbone.model.X                  -> backbone.X
@@ -809,12 +1076,10 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
 #   layers.j.mlp.layers.0/1  (5.x)          -> layers.j.fc1 / fc2   (AIFI and decoder layers)
 #   model.X                                 -> X
 #   class_embed.i / bbox_embed.i (top level, if a file has them) -> decoder.class_embed.i / decoder.bbox_embed.i
-#   model.denoising_class_embed             -> dropped (training-time label noise only)
+#   model.denoising_class_embed             -> denoising_class_embed (training only)
 
 
 def key_map(key: str) -> str | None:
-    if key == "model.denoising_class_embed.weight":
-        return None
     k = key.replace("model.backbone.model.", "backbone.", 1)
     if k.startswith(("class_embed.", "bbox_embed.")):
         k = "decoder." + k
@@ -831,7 +1096,7 @@ def optional_key(name: str) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# 10. Fast inference: an option applied to a loaded model, not the reference
+# 11. Fast inference: an option applied to a loaded model, not the reference
 #
 # fast_inference(model) swaps the reference modules for FusedConv ones: every batch norm folded into the conv before
 # it (in float64, rounded once), and where a ReLU and a learnable affine s*x + c (s > 0) follow, those too, leaving
@@ -896,7 +1161,7 @@ def fast_inference(model: DFine) -> DFine:
 
 
 # -----------------------------------------------------------------------------
-# 11. Command line
+# 12. Command line
 
 
 def main(argv: list[str] | None = None) -> int:
