@@ -924,7 +924,7 @@ def edge_targets(ref: torch.Tensor, gt: torch.Tensor, n_bins: int, reg_scale, up
     d = torch.stack([(ref[:, 0] - gt[:, 0]) / w - 0.5 * rs, (ref[:, 1] - gt[:, 1]) / h - 0.5 * rs,
                      (gt[:, 2] - ref[:, 0]) / w - 0.5 * rs, (gt[:, 3] - ref[:, 1]) / h - 0.5 * rs], -1).reshape(-1)
     edges = weighting_function(n_bins, up, reg_scale)  # (N+1,)
-    idx = (((edges[None] - d[:, None]) <= 0).sum(1) - 1).float()  # (4K,) the last edge <= d; -1 below them all
+    idx = (((edges[None] - d[:, None]) <= 0).sum(1) - 1).to(d.dtype)  # (4K,) the last edge <= d; -1: none
     w_right, w_left = torch.zeros_like(idx), torch.zeros_like(idx)
     inside = (idx >= 0) & (idx < n_bins)
     i = idx[inside].long()
@@ -966,7 +966,7 @@ def set_losses(o: dict, labels: list[dict], indices: list, num_boxes: float, mod
     iou4 = iou.unsqueeze(-1).repeat(1, 1, 4).reshape(-1).detach()  # (4K,)
     fgl = (F.cross_entropy(corners, bins.long(), reduction="none") * w_left.reshape(-1)
            + F.cross_entropy(corners, bins.long() + 1, reduction="none") * w_right.reshape(-1))
-    losses["loss_fgl"] = (fgl * iou4.float()).sum() / num_boxes
+    losses["loss_fgl"] = (fgl * iou4).sum() / num_boxes
     # DDF: KL of every query's edge distributions (temperature T) from the last layer's, weighted by the teacher's
     # score (unmatched) or the IoU (matched); the two groups averaged apart and mixed by sqrt of their sizes
     T, pred = 5, o["corners"].reshape(-1, n_bins + 1)  # (B*Q*4, N+1)
