@@ -5,12 +5,15 @@ in turns, each after an untimed run of the same model), their ratio (the median 
 stage, the GFLOP/s ours achieves (FLOPs counted by torch's FlopCounterMode: matmuls and convolutions, not grid_sample
 or elementwise ops), and the peak RSS of each, each measured in a fresh process of its own. The weights are the tests'
 reference checkpoints (random, the real configs: same FLOPs as the real ones); nothing is timed inside pytest.
-`dfine-<size>-fast` rows time ours after dfine.fast_inference (other rounding; see dfine.py section 10). `--quick` runs
-D-FINE nano twice for a smoke test (tests/test_benchmark.py).
+`dfine-<size>-fast` rows time ours after dfine.fast_inference (other rounding; see dfine.py section 11).
+`dfine-n-train` times one training step's forward + backward (train mode, labels, denoising queries; no optimizer
+step) at 320x320, batch 8, 3 objects per image. `--quick` runs D-FINE nano twice for a smoke test
+(tests/test_benchmark.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -76,6 +79,28 @@ def dfine_case(size: str, build=("ours", "theirs"), fast: bool = False):
     return ours, lambda: ours(px), lambda: theirs(pixel_values=px), stages
 
 
+def dfine_train_case(size: str, build=("ours", "theirs")):
+    """forward + backward of a training step, both models in train mode on the same batch and denoising seed."""
+    import dfine
+    from dfine_reference import checkpoint, hf_model
+
+    folder = checkpoint(size)
+    ours = dfine.DFine.from_pretrained(folder).train() if "ours" in build else None
+    theirs = hf_model(folder).train() if "theirs" in build else None
+    g = torch.Generator().manual_seed(0)
+    px = torch.rand(8, 3, 320, 320, generator=g)
+    labels = [{"class_labels": torch.randint(0, 80, (3,), generator=g),
+               "boxes": torch.cat([torch.rand(3, 2, generator=g) * 0.5 + 0.25, torch.rand(3, 2, generator=g) * 0.3
+                                   + 0.1], dim=1)} for _ in range(8)]
+
+    def step(model, **inputs):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        model(**inputs, labels=labels).loss.backward()
+
+    return (ours, lambda: step(ours, pixel_values=px), lambda: step(theirs, pixel_values=px), None)
+
+
 def gdino_case(name: str, build=("ours", "theirs")):
     import gdino
     import gdino_reference as R
@@ -116,7 +141,10 @@ def gdino_case(name: str, build=("ours", "theirs")):
 
 
 def case(name: str, build=("ours", "theirs")):
-    """gdino-tiny, mm-gdino-tiny, dfine-<size>, or dfine-<size>-fast (ours after dfine.fast_inference)."""
+    """gdino-tiny, mm-gdino-tiny, dfine-<size>, dfine-<size>-fast (ours after dfine.fast_inference), or
+    dfine-<size>-train (a training step's forward + backward)."""
+    if name.startswith("dfine-") and name.endswith("-train"):
+        return dfine_train_case(name.split("-")[1], build)
     if name.startswith("dfine-"):
         return dfine_case(name.split("-")[1], build, fast=name.endswith("-fast"))
     return gdino_case(name, build)
@@ -130,7 +158,7 @@ def rss_child(name: str, impl: str) -> None:
     """Build only `impl`, run it once, report the process's peak resident memory. VmHWM, not ru_maxrss: on Linux
     ru_maxrss survives exec, so a child would report its parent's peak."""
     _, run_ours, run_theirs, _ = case(name, build=(impl,))
-    with torch.inference_mode():
+    with mode(name):
         (run_ours if impl == "ours" else run_theirs)()
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
@@ -151,11 +179,16 @@ def flops(fn) -> float:
     return counter.get_total_flops()
 
 
+def mode(name: str):
+    """Inference rows run under inference_mode, as detect does; training rows need autograd."""
+    return contextlib.nullcontext() if name.endswith("-train") else torch.inference_mode()
+
+
 def bench(name: str, runs: int, rss: bool) -> dict:
     ours, run_ours, run_theirs, stages = case(name)
-    with torch.inference_mode():
+    with mode(name):
         t_ours, t_theirs = timed([run_ours, run_theirs], runs)
-        split = [stages() for _ in range(runs)]
+        split = [stages() for _ in range(runs)] if stages else [{}]
         gflop = flops(run_ours) / 1e9
     med = statistics.median(t_ours)
     row = {"model": name, "ours_s": med, "ours_min": min(t_ours), "ours_max": max(t_ours),
@@ -170,7 +203,8 @@ def bench(name: str, runs: int, rss: bool) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, median of the turns")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1 (-train: 8), median of the "
+          f"turns")
     print(f"{'model':<14} {'ours s (min-max)':>22} {'transformers s (min-max)':>26} {'ratio (min-max)':>17} "
           f"{'GFLOP':>7} {'GFLOP/s':>8} {'RSS ours/theirs MB':>19}")
     for r in rows:
@@ -197,7 +231,8 @@ def main() -> int:
     if args.rss_child:
         rss_child(*args.rss_child)
         return 0
-    names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}{f}" for f in ("", "-fast") for s in DFINE_SIZES)]
+    names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}{f}" for f in ("", "-fast") for s in DFINE_SIZES),
+                            "dfine-n-train"]
     if args.rss_only:
         for n in names:
             print(f"{n:<14} peak RSS ours {peak_rss(n, 'ours'):.0f} MB, transformers {peak_rss(n, 'theirs'):.0f} MB")
