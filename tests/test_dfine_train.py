@@ -79,7 +79,9 @@ def test_loss_and_gradients_match_transformers(size, backend):
     scale = {k: ref_grads[k].abs().max().item() for k in grads}
     name = max(diff, key=diff.get)
     rel = max(diff[k] / scale[k] for k in grads if scale[k] > 1e-3)  # relative to the tensor's largest gradient
-    print(f"  gradients of {len(grads)} tensors: max abs {diff[name]:.2e} ({name}), max rel {rel:.2e}")
+    tensors = max(d for k, d in diff.items() if grads[k].numel() > 1)
+    print(f"  gradients of {len(grads)} tensors: max abs {diff[name]:.2e} ({name}), {tensors:.2e} over tensors of more "
+          f"than one number, max rel {rel:.2e}")
     if backend == "torch":
         bar = {k: 1e-4 for k in grads}
     else:  # see the module docstring
