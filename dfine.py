@@ -880,7 +880,7 @@ def denoising_queries(model: "DFine", labels: list[dict]) -> dict | None:
     negative = torch.zeros([B, 2 * M, 1], device=device)
     negative[:, M:] = 1
     negative = negative.tile([1, G, 1])  # (B, D, 1): the second half of each group
-    positive_idx = torch.nonzero((1 - negative).squeeze(-1) * real)[:, 1].split([n * G for n in n_gt])
+    positive_idx = torch.nonzero((1 - negative).squeeze(-1) * real)[:, 1].split([n * G for n in n_gt])  # (n*G,)..
     if cfg.label_noise_ratio > 0:
         flip = torch.rand_like(cls, dtype=torch.float) < cfg.label_noise_ratio * 0.5  # (B, D)
         cls = torch.where(flip & real, torch.randint_like(flip, 0, K, dtype=cls.dtype), cls)
@@ -998,10 +998,14 @@ def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict 
     boxes = [b.clamp(min=0, max=1) for b in [dec["initial_box"], *dec["boxes"]]]  # L + 1 x (B, D + Q, 4)
     ref0 = dec["initial_box"].detach()  # the box FDR measures every layer's edges from
 
-    def output(k: int, denoising: bool, corners: bool = True) -> dict:
+    def output(k: int, denoising: bool, corners: bool = True) -> dict:  # entry k, the D or the Q queries
         part = slice(0, n_dn) if denoising else slice(n_dn, None)
         o = {"logits": logits[k][:, part], "boxes": boxes[k][:, part]}
         return o | ({"corners": dec["corners"][k][:, part], "ref": ref0[:, part]} if corners else {})
+
+    def teacher(denoising: bool) -> dict:  # the last layer, whose edge distributions DDF distils into the others
+        part = slice(0, n_dn) if denoising else slice(n_dn, None)
+        return {"corners": dec["corners"][-1][:, part], "logits": logits[-1][:, part]}
 
     losses = {}
 
@@ -1012,18 +1016,17 @@ def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict 
     num_boxes = float(max(sum(len(t["class_labels"]) for t in labels), 1))
     o = output(L, False, corners=False)
     add("", o, match(o, labels, cfg), num_boxes)
-    teacher = output(L - 1, False) | {"logits": logits[L][:, n_dn:]}
     for k in range(L - 1):
         o = output(k, False)
-        add(f"_aux_{k}", o, match(o, labels, cfg), num_boxes, teacher)
+        add(f"_aux_{k}", o, match(o, labels, cfg), num_boxes, teacher(False))
     topk = q["topk_indices"][..., None].expand(-1, -1, logits[0].shape[-1])  # (B, Q, K)
     o = {"logits": q["enc_outputs_class"].gather(1, topk), "boxes": q["init_reference_points"].sigmoid().clamp(0, 1)}
     add(f"_aux_{L - 1}", o, match(o, labels, cfg), num_boxes)
     if dn is not None:  # denoising query j of a group stands for object j: no matching needed
-        dn_indices = [(p, torch.arange(len(t["boxes"])).tile(dn["groups"])) for p, t in zip(dn["positive_idx"], labels)]
-        teacher = output(L - 1, True) | {"logits": logits[L][:, :n_dn]}
+        dn_indices = [(p, torch.arange(len(t["boxes"]), device=p.device).tile(dn["groups"]))
+                      for p, t in zip(dn["positive_idx"], labels)]
         for k in range(L):
-            add(f"_dn_{k}", output(k, True), dn_indices, num_boxes * dn["groups"], teacher)
+            add(f"_dn_{k}", output(k, True), dn_indices, num_boxes * dn["groups"], teacher(True))
     if cfg.use_pre_outputs_loss:  # the original's "pre_outputs": VFL, L1, GIoU on the pre-box head, own matching
         o = output(0, False, corners=False)
         add("_pre", o, match(o, labels, cfg), num_boxes)
