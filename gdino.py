@@ -71,6 +71,7 @@ class SwinConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-5
     out_features: list = field(default_factory=lambda: ["stage2", "stage3", "stage4"])  # stage1..4 for Swin-L
+    drop_path_rate: float = 0.1  # training: stochastic depth, rising linearly to this over the blocks
 
 
 @dataclass
@@ -83,6 +84,8 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12  # BERT's own; every Grounding DINO LayerNorm uses layer_norm_eps below
+    hidden_dropout_prob: float = 0.1  # training only, as the two below
+    attention_probs_dropout_prob: float = 0.1
 
 
 def known_fields(klass, d: dict):
@@ -113,6 +116,21 @@ class GroundingDinoConfig:
     # load_checkpoint confirms from the file's keys
     decoder_bbox_embed_share: bool | None = None
     decoder_cls_embed_share: bool | None = None
+    # training only (section 12): dropout, drop path, and the matcher's and the loss's weights
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    fusion_dropout: float = 0.0
+    fusion_droppath: float = 0.1
+    text_enhancer_dropout: float = 0.0
+    class_cost: float = 1.0
+    bbox_cost: float = 5.0
+    giou_cost: float = 2.0
+    class_loss_coefficient: float = 2.0  # not a transformers config field: its loss fixes this weight at 2.0
+    bbox_loss_coefficient: float = 5.0
+    giou_loss_coefficient: float = 2.0
+    focal_alpha: float = 0.25
+    auxiliary_loss: bool = False  # the Hub configs say false; the papers train every decoder layer (set true)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> GroundingDinoConfig:
@@ -127,7 +145,8 @@ class GroundingDinoConfig:
         if cfg.get("model_type") == "grounding-dino" and cfg.get("two_stage_bbox_embed_share", False):
             raise LoadError("two_stage_bbox_embed_share=true is not supported (no released checkpoint uses it)")
         fixed = [(bb, "hidden_act", "gelu"), (tx, "hidden_act", "gelu"), (cfg, "activation_function", "relu"),
-                 (cfg, "position_embedding_type", "sine"), (cfg, "query_dim", 4)]
+                 (cfg, "position_embedding_type", "sine"), (cfg, "query_dim", 4),
+                 (bb, "hidden_dropout_prob", 0.0), (bb, "attention_probs_dropout_prob", 0.0)]
         for d, k, v in fixed:  # what every released checkpoint uses and the only thing implemented here
             if d.get(k, v) != v:
                 raise LoadError(f"config {k}={d[k]!r} is not supported (only {v!r})")
@@ -781,6 +800,8 @@ class GroundingDinoOutput:
     logits: torch.Tensor  # (B, Q, max_text_len), -inf beyond the prompt's tokens
     pred_boxes: torch.Tensor  # (B, Q, 4) cx, cy, w, h relative to the unpadded image
     stages: dict | None = None  # name -> tensor or list of tensors, in data-flow order, when asked
+    loss: torch.Tensor | None = None  # with labels: the weighted sum of loss_dict's terms (section 12)
+    loss_dict: dict | None = None  # with labels: every term under transformers' key names
 
 
 class GroundingDino(nn.Module):
@@ -811,6 +832,7 @@ class GroundingDino(nn.Module):
         self.tokenizer = None  # set by from_pretrained
         self.preprocessor = {"shortest": SHORTEST_EDGE, "longest": LONGEST_EDGE, "mean": IMAGENET_MEAN,
                              "std": IMAGENET_STD}
+        init_weights(self)  # section 12; from_pretrained builds on the meta device, where this costs nothing
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
@@ -875,7 +897,8 @@ class GroundingDino(nn.Module):
         enc_class = self.encoder_output_class_embed(q, text_feats, text_mask)  # (B, S, 256)
         enc_coord = self.encoder_output_bbox_embed(q) + proposals  # (B, S, 4) logits, +inf where invalid
         topk = torch.topk(enc_class.max(-1)[0], self.cfg.num_queries, dim=1)[1]  # (B, Q)
-        ref = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).sigmoid()  # (B, Q, 4)
+        # detached: the decoder refines these boxes but trains the proposals only through the encoder loss
+        ref = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach().sigmoid()  # (B, Q, 4)
         return {"enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
                 "init_reference_points": ref}
 
@@ -906,9 +929,14 @@ class GroundingDino(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
-                return_stages: bool = False, backbone_maps: list[torch.Tensor] | None = None) -> GroundingDinoOutput:
+                return_stages: bool = False, backbone_maps: list[torch.Tensor] | None = None,
+                labels: list[dict] | None = None) -> GroundingDinoOutput:
         """Sections 3-9 in order. backbone_maps: the backbone's output for these pixel_values, computed earlier (detect
-        runs the backbone once for all chunks of a long label list); None runs the backbone here."""
+        runs the backbone once for all chunks of a long label list); None runs the backbone here. labels (training,
+        section 12): per image {"class_labels" (n,) phrase indices into that image's prompt, "boxes" (n, 4) cx, cy,
+        w, h in [0, 1]}; the output then carries loss and loss_dict."""
+        if labels is not None:  # bad labels fail before the forward, not after it
+            check_grounding_labels(labels, label_maps(input_ids, self.cfg.max_text_len, special_tokens(self.tokenizer)))
         B, _, H, W = pixel_values.shape
         if input_ids.shape[1] > self.cfg.max_text_len:
             raise InputError(f"the prompt has {input_ids.shape[1]} tokens; the model reads at most "
@@ -924,11 +952,15 @@ class GroundingDino(nn.Module):
         hidden, refs = self.decode(sel["init_reference_points"], memory, lv, text_feats, text["token_mask"])
         logits, boxes = self.heads(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
         stages = None
-        if return_stages:
+        if return_stages or labels is not None:
             stages = {"backbone": maps, "text_features": text["features"], "text_position_ids": text["position_ids"],
                       "projected_maps": lv.maps, "encoder_vision": memory, "encoder_text": text_feats, **sel,
                       "decoder_hidden": hidden, "decoder_boxes": refs, "logits": logits, "pred_boxes": boxes}
-        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, stages=stages)
+        out = GroundingDinoOutput(logits=logits, pred_boxes=boxes, stages=stages)
+        if labels is not None:
+            out.loss, out.loss_dict = grounding_loss(self, out, input_ids, attention_mask, labels)
+            out.stages = stages if return_stages else None
+        return out
 
     @torch.inference_mode()
     def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25) -> dict | list[dict]:
@@ -1192,7 +1224,177 @@ def prompts_per_image(prompts, n: int) -> list:
 
 
 # -----------------------------------------------------------------------------
-# 12. Command line
+# 12. Training: the set loss of DETR (Hungarian matching, then per matched pair a focal loss over the prompt's tokens,
+#     L1 and GIoU) on the last decoder layer, every earlier layer (auxiliary_loss) and the encoder's proposals
+
+
+def label_maps(input_ids: torch.Tensor, width: int, special: SpecialTokens) -> list[torch.Tensor]:
+    """Per image (n_phrases, width) 0/1: the tokens of each phrase (label) of its prompt. A phrase is a run of
+    tokens between delimiters ([CLS], [SEP], '.', '?', [PAD]), numbered in prompt order (transformers'
+    build_label_maps); class id k of an image's labels means phrase k of that image's own prompt."""
+    delim = torch.isin(input_ids, torch.tensor(special.delimiters + (special.pad,), device=input_ids.device))  # (B, T)
+    run = torch.cumsum(delim, 1) * ~delim  # (B, T): the same number for the tokens of one phrase, 0 at delimiters
+    maps = []
+    for r in run:
+        ids = r.unique()
+        ids = ids[ids > 0]  # (n,)
+        maps.append(F.pad((r[None] == ids[:, None]).float(), (0, width - r.shape[0])))  # (n, width)
+    return maps
+
+
+def check_grounding_labels(labels, maps: list[torch.Tensor]) -> None:
+    """Boxes and structure by common.check_labels; then each class id must name a phrase of its own prompt."""
+    common.check_labels(labels, len(maps), max(len(m) for m in maps))
+    for i, (t, m) in enumerate(zip(labels, maps)):
+        for j, c in enumerate(t["class_labels"].tolist()):
+            if not 0 <= c < len(m):
+                raise InputError(f"labels[{i}] box {j}: class id {c}, but image {i}'s prompt has {len(m)} phrases "
+                                 f"(ids 0..{len(m) - 1}); a class id indexes the phrases of that image's prompt")
+
+
+@torch.no_grad()
+def match(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], maps: list[torch.Tensor],
+          cfg: GroundingDinoConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Hungarian matching per image of queries to target boxes. Cost = bbox_cost * L1 + class_cost * focal cost
+    averaged over the target phrase's tokens + giou_cost * (-GIoU), as transformers' GroundingDinoHungarianMatcher."""
+    B, Q, _ = logits.shape
+    prob = logits.flatten(0, 1).sigmoid()  # (B*Q, W)
+    token_share = torch.cat([m[t["class_labels"]] for m, t in zip(maps, targets)])  # (N, W): each target's tokens
+    token_share = token_share / token_share.sum(-1, keepdim=True)  # (N, W): rows sum to 1
+    pred, tgt = boxes.flatten(0, 1), torch.cat([t["boxes"] for t in targets])  # (B*Q, 4), (N, 4)
+    class_cost = common.focal_cost(prob) @ token_share.t()  # (B*Q, N)
+    bbox_cost = torch.cdist(pred, tgt, p=1)  # (B*Q, N)
+    giou_cost = -common.generalized_box_iou(center_to_corners(pred), center_to_corners(tgt))  # (B*Q, N)
+    cost = cfg.bbox_cost * bbox_cost + cfg.class_cost * class_cost + cfg.giou_cost * giou_cost
+    return common.hungarian_match(cost.view(B, Q, -1), [len(t["boxes"]) for t in targets])
+
+
+def sigmoid_focal_loss(x: torch.Tensor, y: torch.Tensor, num_boxes: float, alpha: float) -> torch.Tensor:
+    """RetinaNet's focal loss (gamma 2) summed over every element and divided by the number of target boxes."""
+    p = x.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * ((1 - p_t) ** 2)
+    return (alpha * y + (1 - alpha) * (1 - y)) * loss if alpha >= 0 else loss
+
+
+def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], maps: list[torch.Tensor],
+             text_mask: torch.Tensor, num_boxes: float, cfg: GroundingDinoConfig) -> dict:
+    """One prediction set (B, Q, W) logits and (B, Q, 4) boxes -> loss_ce, loss_bbox, loss_giou, cardinality_error.
+
+    Each matched query's class target is the token map of its box's phrase in its own image's prompt (transformers
+    offsets image i's class ids by image i's own phrase count, which reads another image's phrases from batch 3 on
+    or with prompts of different lengths); unmatched queries have all-zero targets. The focal loss runs over the
+    prompt's tokens only ([CLS], '.', [SEP] included, as transformers: they are negatives for every query)."""
+    indices = match(logits, boxes, targets, maps, cfg)
+    img = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])  # (M,) image of each match
+    query = torch.cat([q for q, _ in indices])  # (M,)
+    onehot = torch.zeros_like(logits)  # (B, Q, W)
+    onehot[img, query] = torch.cat([m[t["class_labels"][k]] for m, t, (_, k) in zip(maps, targets, indices)])
+    x, y = torch.masked_select(logits, text_mask), torch.masked_select(onehot, text_mask)  # the prompts' tokens
+    out = {"loss_ce": sigmoid_focal_loss(x, y, num_boxes, cfg.focal_alpha).sum() / num_boxes}
+    target_boxes = torch.cat([t["boxes"][k] for t, (_, k) in zip(targets, indices)])  # (M, 4)
+    out.update(common.box_losses(boxes[img, query], target_boxes, num_boxes))
+    with torch.no_grad():  # logged, not trained: how many queries score above 0.5 vs how many boxes there are
+        n_pred = (logits.sigmoid().max(-1).values > 0.5).sum(1).float()  # (B,)
+        out["cardinality_error"] = F.l1_loss(n_pred, torch.tensor([float(len(t["boxes"])) for t in targets],
+                                                                  device=n_pred.device))
+    return out
+
+
+def grounding_loss(model: GroundingDino, out: GroundingDinoOutput, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, labels: list[dict]) -> tuple[torch.Tensor, dict]:
+    """The total loss and its terms under transformers' keys: loss_ce, loss_bbox, loss_giou (last layer), the same
+    with _0 .. _{L-2} (earlier decoder layers, if cfg.auxiliary_loss) and with _enc (the encoder's proposals).
+
+    The encoder term follows the paper (DINO's two-stage supervision, as the original and mmdet): the top-Q
+    proposals' class logits and undetached boxes, so enc_output, enc_output_norm and encoder_output_bbox_embed
+    train. transformers scores the learned query embeddings against the unenhanced text with the detached
+    boxes instead, which leaves those three without gradient."""
+    cfg, st = model.cfg, out.stages
+    B, Q, W = out.logits.shape
+    maps = label_maps(input_ids, W, special_tokens(model.tokenizer))
+    dev = out.logits.device
+    targets = [{"class_labels": t["class_labels"].to(dev).long(), "boxes": t["boxes"].to(dev)} for t in labels]
+    num_boxes = max(float(sum(len(t["boxes"]) for t in targets)), 1.0)
+    text_mask = F.pad(attention_mask.bool(), (0, W - attention_mask.shape[1]))[:, None, :].expand(B, Q, W)
+    text, token_mask = st["encoder_text"], attention_mask.bool()
+    sets = [("", out.logits, out.pred_boxes)]
+    for i in range(len(st["decoder_hidden"]) - 1 if cfg.auxiliary_loss else 0):  # as heads() does for the last
+        ref = st["init_reference_points"] if i == 0 else st["decoder_boxes"][i - 1]
+        h = st["decoder_hidden"][i]
+        sets.append((f"_{i}", model.class_head(i)(h, text, token_mask),
+                     (model.box_head(i)(h) + box_logit(ref)).sigmoid()))
+    topk = st["topk_indices"][..., None]  # (B, Q, 1)
+    sets.append(("_enc", torch.gather(st["enc_outputs_class"], 1, topk.expand(-1, -1, W)),  # (B, Q, W)
+                 torch.gather(st["enc_outputs_coord_logits"], 1, topk.expand(-1, -1, 4)).sigmoid()))  # (B, Q, 4)
+    loss_dict = {}
+    for suffix, logits, boxes in sets:
+        terms = set_loss(logits, boxes, targets, maps, text_mask, num_boxes, cfg)
+        loss_dict.update({k + suffix: v for k, v in terms.items()})
+    weight = {"loss_ce": cfg.class_loss_coefficient, "loss_bbox": cfg.bbox_loss_coefficient,
+              "loss_giou": cfg.giou_loss_coefficient}
+    loss = sum(v * weight["_".join(k.split("_")[:2])] for k, v in loss_dict.items() if k.startswith("loss_"))
+    return loss, loss_dict
+
+
+@torch.no_grad()
+def init_weights(model: GroundingDino, prior: float = 0.01) -> None:
+    """From scratch, as the originals initialise: Swin's truncated normal and BERT's normal (std 0.02), Xavier for
+    the transformer's matrices and projections, zero biases, a normal level embedding, deformable attention
+    sampling a ring of points around its reference with uniform weights, box heads that start at their reference
+    (last layer zero), fusion layer scales of 1e-4; MM's class bias at logit(prior), as mmdet's ContrastiveEmbed.
+
+    Grounding DINO's class head has no parameter to hold a prior, and its logits are dot products of two
+    LayerNorm outputs (about N(0, 256)), so every score starts saturated. Beyond the originals, the prior goes into
+    those norms: the decoder's and the encoder proposals' output norms and the last text norm get weight
+    d^-1/4 and biases +-sqrt(-logit(prior)) along one shared direction, so that q . t starts at logit(prior)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if name.startswith("backbone."):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif name.startswith("text_backbone."):
+                nn.init.normal_(m.weight, std=0.02)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, DeformableAttention):
+            nn.init.zeros_(m.sampling_offsets.weight)
+            theta = torch.arange(m.heads, dtype=torch.float32) * (2 * math.pi / m.heads)
+            ring = torch.stack([theta.cos(), theta.sin()], -1)  # (nH, 2): one direction per head
+            ring = ring / ring.abs().max(-1, keepdim=True)[0]  # onto the square's border
+            grid = ring[:, None, None, :] * torch.arange(1, m.points + 1, dtype=torch.float32)[None, None, :, None]
+            m.sampling_offsets.bias.copy_(grid.expand(-1, m.levels, -1, -1).reshape(-1))  # point k at k+1 pixels
+            nn.init.zeros_(m.attention_weights.weight)
+            nn.init.zeros_(m.attention_weights.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02 if name.startswith("text_backbone.") else 1.0)
+        elif isinstance(m, SwinBlock):
+            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+    for seq in model.input_proj_vision:
+        nn.init.xavier_uniform_(seq[0].weight)
+        nn.init.zeros_(seq[0].bias)
+    for mlp in [model.encoder_output_bbox_embed, *model.bbox_embed]:
+        nn.init.zeros_(mlp.layers[-1].weight)
+        nn.init.zeros_(mlp.layers[-1].bias)
+    nn.init.normal_(model.level_embed)
+    bias = -math.log((1 - prior) / prior)
+    if model.cfg.is_mm:
+        for head in [model.encoder_output_class_embed, *model.class_embed]:
+            head.bias.fill_(bias)
+        return
+    d = model.cfg.d_model
+    u = torch.zeros(d)
+    u[0] = 1.0  # the shared direction
+    text_norm = model.encoder.layers[-1].text_enhancer_layer.layer_norm_after
+    for norm, sign in ((model.decoder.layer_norm, 1.0), (model.enc_output_norm, 1.0), (text_norm, -1.0)):
+        norm.weight.fill_(d ** -0.25)
+        norm.bias.copy_(sign * math.sqrt(-bias) * u)
+
+
+# -----------------------------------------------------------------------------
+# 13. Command line
 
 
 def main() -> int:
