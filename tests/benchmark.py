@@ -7,8 +7,8 @@ or elementwise ops), and the peak RSS of each, each measured in a fresh process 
 reference checkpoints (random, the real configs: same FLOPs as the real ones); nothing is timed inside pytest.
 `dfine-<size>-fast` rows time ours after dfine.fast_inference (other rounding; see dfine.py section 11).
 `dfine-n-train` times one training step's forward + backward (train mode, labels, denoising queries; no optimizer
-step) at 320x320, batch 8, 3 objects per image. `--quick` runs D-FINE nano twice for a smoke test
-(tests/test_benchmark.py).
+step) at 320x320, batch 8, 3 objects per image; `gdino-tiny-train` the same for Grounding DINO tiny at 320x426,
+batch 1, 3 objects. `--quick` runs D-FINE nano twice for a smoke test (tests/test_benchmark.py).
 """
 from __future__ import annotations
 
@@ -140,11 +140,36 @@ def gdino_case(name: str, build=("ours", "theirs")):
     return ours, lambda: ours(**inputs), lambda: theirs(**inputs), stages
 
 
+def gdino_train_case(build=("ours", "theirs")):
+    """forward + backward of a training step of Grounding DINO tiny at 320x426, batch 1, train mode."""
+    import gdino
+    import gdino_reference as R
+    from conftest import hub_config
+
+    folder = R.checkpoint("gdino-tiny", hub_config("grounding-dino-tiny"), hub_layout=True)
+    ours = gdino.GroundingDino.from_pretrained(folder).train() if "ours" in build else None
+    theirs = R.load(folder).train() if "theirs" in build else None
+    pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS], shortest=320, longest=533)  # 320x426
+    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask,
+              **gdino.tokenize(gdino.load_tokenizer(folder), [PROMPT])}
+    labels = [{"class_labels": torch.tensor([0, 0, 1]),
+               "boxes": torch.tensor([[0.25, 0.5, 0.45, 0.9], [0.75, 0.4, 0.45, 0.75], [0.2, 0.2, 0.2, 0.1]])}]
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks on every run
+        model(**inputs, labels=labels).loss.backward()
+
+    return ours, lambda: step(ours), lambda: step(theirs), None
+
+
 def case(name: str, build=("ours", "theirs")):
-    """gdino-tiny, mm-gdino-tiny, dfine-<size>, dfine-<size>-fast (ours after dfine.fast_inference), or
-    dfine-<size>-train (a training step's forward + backward)."""
+    """gdino-tiny, mm-gdino-tiny, gdino-tiny-train, dfine-<size>, dfine-<size>-fast (ours after
+    dfine.fast_inference), or dfine-<size>-train (a training step's forward + backward)."""
     if name.startswith("dfine-") and name.endswith("-train"):
         return dfine_train_case(name.split("-")[1], build)
+    if name == "gdino-tiny-train":
+        return gdino_train_case(build)
     if name.startswith("dfine-"):
         return dfine_case(name.split("-")[1], build, fast=name.endswith("-fast"))
     return gdino_case(name, build)
@@ -203,8 +228,8 @@ def bench(name: str, runs: int, rss: bool) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1 (-train: 8), median of the "
-          f"turns")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1 (dfine-n-train: 8), median "
+          f"of the turns")
     print(f"{'model':<14} {'ours s (min-max)':>22} {'transformers s (min-max)':>26} {'ratio (min-max)':>17} "
           f"{'GFLOP':>7} {'GFLOP/s':>8} {'RSS ours/theirs MB':>19}")
     for r in rows:
@@ -232,7 +257,7 @@ def main() -> int:
         rss_child(*args.rss_child)
         return 0
     names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}{f}" for f in ("", "-fast") for s in DFINE_SIZES),
-                            "dfine-n-train"]
+                            "dfine-n-train", "gdino-tiny-train"]
     if args.rss_only:
         for n in names:
             print(f"{n:<14} peak RSS ours {peak_rss(n, 'ours'):.0f} MB, transformers {peak_rss(n, 'theirs'):.0f} MB")
