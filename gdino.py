@@ -1379,6 +1379,13 @@ def init_weights(model: GroundingDino, prior: float = 0.01) -> None:
         nn.init.zeros_(mlp.layers[-1].weight)
         nn.init.zeros_(mlp.layers[-1].bias)
     nn.init.normal_(model.level_embed)
+    class_prior(model, prior)
+
+
+@torch.no_grad()
+def class_prior(model: GroundingDino, prior: float = 0.01) -> None:
+    """Class scores that start at `prior` (RetinaNet's prior, so the many negatives don't swamp the first steps):
+    MM's class biases at logit(prior); for Grounding DINO, the three norms, see init_weights."""
     bias = -math.log((1 - prior) / prior)
     if model.cfg.is_mm:
         for head in [model.encoder_output_class_embed, *model.class_embed]:
