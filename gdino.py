@@ -319,6 +319,15 @@ def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[to
 # -----------------------------------------------------------------------------
 # 3. Swin backbone (Liu et al. 2021): shifted-window attention; maps taken before each stage's downsampling
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (training only): each sample's residual branch is dropped with probability p, kept ones
+    scaled by 1 / (1 - p)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) >= p  # (B, 1, ..)
+    return x * keep / (1 - p)
+
+
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     B, H, W, C = x.shape
     x = x.view(B, H // ws, ws, W // ws, ws, C)  # (B, H/ws, ws, W/ws, ws, C)
@@ -345,9 +354,9 @@ def shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, ws: int, shift: int, cfg: SwinConfig):
+    def __init__(self, dim: int, heads: int, ws: int, shift: int, cfg: SwinConfig, drop: float = 0.0):
         super().__init__()
-        self.heads, self.ws, self.shift = heads, ws, shift
+        self.heads, self.ws, self.shift, self.drop = heads, ws, shift, drop  # drop: this block's drop-path rate
         self.layernorm_before = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.query, self.key, self.value = (nn.Linear(dim, dim, bias=cfg.qkv_bias) for _ in range(3))
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
@@ -378,8 +387,9 @@ class SwinBlock(nn.Module):
         y = a.transpose(2, 3).contiguous().view(B, Hp, Wp, C)  # (B, Hp, Wp, C): windows back in place
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
-        x = x + y[:, :h, :w].contiguous().view(B, h * w, C)  # (B, h*w, C): window padding cropped
-        return x + self.fc2(F.gelu(self.fc1(self.layernorm_after(x))))  # exact-erf GELU
+        x = x + drop_path(y[:, :h, :w].contiguous().view(B, h * w, C), self.drop, self.training)  # (B, h*w, C)
+        # drop path on both branches, as the original Swin (transformers' drops the attention branch only)
+        return x + drop_path(self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))), self.drop, self.training)
 
 
 class PatchMerging(nn.Module):
@@ -399,11 +409,11 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, cfg: SwinConfig, downsample: bool):
+    def __init__(self, dim: int, depth: int, heads: int, cfg: SwinConfig, downsample: bool, drops: list[float]):
         super().__init__()
         # odd blocks shift by ws // 2, always: transformers' SwinBackbone never shrinks the window on small maps
-        self.blocks = nn.ModuleList([SwinBlock(dim, heads, cfg.window_size, (i % 2) * (cfg.window_size // 2), cfg)
-                                     for i in range(depth)])
+        self.blocks = nn.ModuleList([SwinBlock(dim, heads, cfg.window_size, (i % 2) * (cfg.window_size // 2), cfg,
+                                               drops[i]) for i in range(depth)])
         self.downsample = PatchMerging(dim, cfg.layer_norm_eps) if downsample else None
 
 
@@ -413,9 +423,10 @@ class SwinBackbone(nn.Module):
         self.patch_size = cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
         self.patch_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
-        n = len(cfg.depths)
-        self.stages = nn.ModuleList([SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], cfg, i < n - 1)
-                                     for i in range(n)])
+        n, blocks = len(cfg.depths), sum(cfg.depths)
+        drops = [cfg.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]  # rising linearly with depth
+        self.stages = nn.ModuleList([SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], cfg, i < n - 1,
+                                               drops[sum(cfg.depths[:i]):]) for i in range(n)])
         self.out_features = list(cfg.out_features)
         self.channels = [cfg.embed_dim * 2 ** (int(s[5:]) - 1) for s in self.out_features]
         self.hidden_states_norms = nn.ModuleDict({s: nn.LayerNorm(c, eps=cfg.layer_norm_eps)
@@ -449,6 +460,7 @@ class BertLayer(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         d, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        self.p_hidden, self.p_attn = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob  # training only
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.attention_dense = nn.Linear(d, d)
         self.attention_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
@@ -463,10 +475,11 @@ class BertLayer(nn.Module):
                    for lin in (self.query, self.key, self.value))
         # boolean mask straight into SDPA, as transformers' default sdpa path (its eager path adds the bool as 0/1
         # to the scores, which masks nothing, so phrases would see each other there)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5)  # (B, nH, T, hD)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5,
+                                           dropout_p=self.p_attn if self.training else 0.0)  # (B, nH, T, hD)
         a = a.transpose(1, 2).contiguous().reshape(B, T, -1).contiguous()  # (B, T, d)
-        x = self.attention_norm(self.attention_dense(a) + x)
-        return self.output_norm(self.output(F.gelu(self.intermediate(x))) + x)
+        x = self.attention_norm(F.dropout(self.attention_dense(a), self.p_hidden, self.training) + x)
+        return self.output_norm(F.dropout(self.output(F.gelu(self.intermediate(x))), self.p_hidden, self.training) + x)
 
 
 class Bert(nn.Module):
@@ -477,11 +490,12 @@ class Bert(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.embeddings_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.p_hidden = cfg.hidden_dropout_prob
 
     def forward(self, input_ids, token_type_ids, position_ids, mask) -> torch.Tensor:
         """ids (B, T), mask (B, T, T) bool True = attend -> (B, T, hidden)."""
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        x = self.embeddings_norm(x + self.position_embeddings(position_ids))
+        x = F.dropout(self.embeddings_norm(x + self.position_embeddings(position_ids)), self.p_hidden, self.training)
         for layer in self.layers:
             x = layer(x, mask[:, None])  # (B, 1, T, T) shared by the heads
         return x
@@ -535,9 +549,9 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
 class MultiheadAttention(nn.Module):
     """Plain multi-head attention with an additive float mask (the text enhancer and the decoder use it)."""
 
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout  # dropout on the attention probabilities, training only
         self.query, self.key, self.value, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, q_in, k_in, v_in, mask=None) -> torch.Tensor:
@@ -548,16 +562,17 @@ class MultiheadAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)).div_(math.sqrt(hD))  # (B, nH, T, Tk)
         if mask is not None:
             scores += mask
-        out = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()  # (B, T, nH, hD)
+        probs = F.dropout(scores.softmax(-1), self.dropout, self.training)  # (B, nH, T, Tk)
+        out = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()  # (B, T, nH, hD)
         return self.out_proj(out.view(B, T, d))  # (B, T, d)
 
 
 class BiAttention(nn.Module):
     """Image-to-text and text-to-image attention sharing one score matrix (the paper's bi-attention)."""
 
-    def __init__(self, d: int, width: int, heads: int):
+    def __init__(self, d: int, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        self.heads, self.hD = heads, width // heads
+        self.heads, self.hD, self.dropout = heads, width // heads, dropout  # dropout: on both attentions, training
         self.vision_proj, self.text_proj = nn.Linear(d, width), nn.Linear(d, width)
         self.values_vision_proj, self.values_text_proj = nn.Linear(d, width), nn.Linear(d, width)
         self.out_vision_proj, self.out_text_proj = nn.Linear(width, d), nn.Linear(width, d)
@@ -586,8 +601,8 @@ class BiAttention(nn.Module):
         At = torch.clamp(At - torch.max(At, dim=-1, keepdim=True)[0], min=-50000, max=50000)
         At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH,1,S)
         A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH, 1, T)
-        dv = torch.bmm(A.softmax(-1), vt)  # (B*nH, S, hD): image tokens gather text values
-        dt = torch.bmm(At.softmax(-1), vv)  # (B*nH, T, hD): text tokens gather image values
+        dv = torch.bmm(F.dropout(A.softmax(-1), self.dropout, self.training), vt)  # (B*nH, S, hD): from the text
+        dt = torch.bmm(F.dropout(At.softmax(-1), self.dropout, self.training), vv)  # (B*nH, T, hD): from the image
         return self.out_vision_proj(self.heads_last(dv, B)), self.out_text_proj(self.heads_last(dt, B))
 
 
@@ -596,28 +611,32 @@ class FusionLayer(nn.Module):
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
         self.layer_norm_vision, self.layer_norm_text = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
-        self.attn = BiAttention(d, cfg.encoder_ffn_dim // 2, cfg.encoder_attention_heads // 2)
+        self.attn = BiAttention(d, cfg.encoder_ffn_dim // 2, cfg.encoder_attention_heads // 2, cfg.fusion_dropout)
+        self.drop = cfg.fusion_droppath  # training only
         self.vision_param = nn.Parameter(torch.full((d,), 1e-4))  # layer scales (init 1e-4, learned)
         self.text_param = nn.Parameter(torch.full((d,), 1e-4))
 
     def forward(self, V, T, img_pad, txt_pad):
         v, t = self.layer_norm_vision(V), self.layer_norm_text(T)  # the residual starts from the normed inputs
         dv, dt = self.attn(v, t, img_pad, txt_pad)
-        return v + self.vision_param * dv, t + self.text_param * dt
+        return (v + drop_path(self.vision_param * dv, self.drop, self.training),
+                t + drop_path(self.text_param * dt, self.drop, self.training))
 
 
 class TextEnhancerLayer(nn.Module):
     def __init__(self, cfg: GroundingDinoConfig):
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
-        self.self_attn = MultiheadAttention(d, cfg.encoder_attention_heads // 2)
+        self.self_attn = MultiheadAttention(d, cfg.encoder_attention_heads // 2, cfg.attention_dropout)
         self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim // 2), nn.Linear(cfg.encoder_ffn_dim // 2, d)
+        self.p = cfg.text_enhancer_dropout  # training only
         self.layer_norm_before, self.layer_norm_after = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
 
     def forward(self, T, tpos, phrase_bias):
         qk = T + tpos  # position only on queries and keys
-        T = self.layer_norm_before(T + self.self_attn(qk, qk, T, phrase_bias))
-        return self.layer_norm_after(self.fc2(F.relu(self.fc1(T))) + T)
+        T = self.layer_norm_before(T + F.dropout(self.self_attn(qk, qk, T, phrase_bias), self.p, self.training))
+        h = F.dropout(F.relu(self.fc1(T)), self.p, self.training)
+        return self.layer_norm_after(F.dropout(self.fc2(h), self.p, self.training) + T)
 
 
 class DeformableAttention(nn.Module):
@@ -660,11 +679,15 @@ class DeformableLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
         self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim), nn.Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.p, self.p_act = cfg.dropout, cfg.activation_dropout  # training only
 
     def forward(self, V, pos, mask, ref, shapes, backend):
+        q = V + pos  # before the value projection, as transformers: the same order of gradient sums into V
         value = self.self_attn.project_value(V, mask)  # (B, S, nH, hD): every image token samples this map
-        V = self.self_attn_layer_norm(V + self.self_attn(V + pos, value, ref, shapes, backend))  # (B, S, d)
-        return self.final_layer_norm(V + self.fc2(F.relu(self.fc1(V))))
+        a = F.dropout(self.self_attn(q, value, ref, shapes, backend), self.p, self.training)  # (B, S, d)
+        V = self.self_attn_layer_norm(V + a)
+        h = F.dropout(F.relu(self.fc1(V)), self.p_act, self.training)
+        return self.final_layer_norm(V + F.dropout(self.fc2(h), self.p, self.training))
 
 
 class EncoderLayer(nn.Module):
@@ -746,22 +769,27 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: GroundingDinoConfig):
         super().__init__()
         d, nH = cfg.d_model, cfg.decoder_attention_heads
-        self.self_attn = MultiheadAttention(d, nH)
+        self.self_attn = MultiheadAttention(d, nH, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
-        self.encoder_attn_text = MultiheadAttention(d, nH)
+        self.encoder_attn_text = MultiheadAttention(d, nH, cfg.attention_dropout)
         self.encoder_attn_text_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
         self.encoder_attn = DeformableAttention(d, nH, cfg.num_feature_levels, cfg.decoder_n_points)
         self.encoder_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
         self.fc1, self.fc2 = nn.Linear(d, cfg.decoder_ffn_dim), nn.Linear(cfg.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.p, self.p_act = cfg.dropout, cfg.activation_dropout  # training only
 
     def forward(self, h, qpos, ref, memory, mem_mask, text, text_bias, shapes, backend):
+        p, train = self.p, self.training
         q = h + qpos
-        h = self.self_attn_layer_norm(h + self.self_attn(q, q, h))
-        h = self.encoder_attn_text_layer_norm(h + self.encoder_attn_text(h + qpos, text, text, text_bias))
+        h = self.self_attn_layer_norm(h + F.dropout(self.self_attn(q, q, h), p, train))
+        h = self.encoder_attn_text_layer_norm(h + F.dropout(self.encoder_attn_text(h + qpos, text, text, text_bias),
+                                                            p, train))
         value = self.encoder_attn.project_value(memory, mem_mask)  # (B, S, nH, hD)
-        h = self.encoder_attn_layer_norm(h + self.encoder_attn(h + qpos, value, ref, shapes, backend))
-        return self.final_layer_norm(h + self.fc2(F.relu(self.fc1(h))))
+        h = self.encoder_attn_layer_norm(h + F.dropout(self.encoder_attn(h + qpos, value, ref, shapes, backend),
+                                                       p, train))
+        a = F.dropout(F.relu(self.fc1(h)), self.p_act, train)
+        return self.final_layer_norm(h + F.dropout(self.fc2(a), p, train))
 
 
 class Decoder(nn.Module):

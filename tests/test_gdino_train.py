@@ -31,15 +31,16 @@ def parity_config(cfg: dict) -> dict:
     return cfg
 
 
-def pixels(names, size=SIZE) -> dict:
+def pixels(names, size=None) -> dict:
     """Photos resized to exactly `size`, so a batch has no padding (padding changes a padded image's outputs)."""
+    size = size or SIZE
     imgs = [load_image(DATA / n).resize(size[::-1], Image.BILINEAR) for n in names]
     pv, pm, _ = gdino.preprocess_images(imgs, shortest=min(size), longest=max(size))
     return {"pixel_values": pv, "pixel_mask": pm}
 
 
-def inputs(tok, names, prompts) -> dict:
-    return {**pixels(names), **gdino.tokenize(tok, [gdino.normalize_prompt(p) for p in prompts])}
+def inputs(tok, names, prompts, size=None) -> dict:
+    return {**pixels(names, size), **gdino.tokenize(tok, [gdino.normalize_prompt(p) for p in prompts])}
 
 
 def random_labels(counts, n_phrases, seed=1) -> list[dict]:
@@ -223,6 +224,7 @@ def test_initial_scores_sit_near_the_prior(name, tok):
     """A model built from its config alone starts with class probabilities near 0.01 and a small class loss
     (transformers' fresh model: logits of std ~10, class loss ~1400)."""
     model = gdino.GroundingDino(gdino.GroundingDinoConfig.from_dict(R.small_config(name))).eval()
+    model.tokenizer = tok
     x = inputs(tok, PHOTOS[:2], [PROMPT] * 2)
     with torch.no_grad():
         out = model(x["pixel_values"], x["input_ids"], x["attention_mask"], labels=random_labels([4, 2], [3, 3]),
@@ -234,10 +236,50 @@ def test_initial_scores_sit_near_the_prior(name, tok):
     assert out.loss_dict["loss_ce"] < 10 and out.loss_dict["loss_ce_enc"] < 10, out.loss_dict
 
 
+DROPOUTS = {"Swin drop path": ("backbone_config", "drop_path_rate"), "BERT": ("text_config", "hidden_dropout_prob"),
+            "BERT attention": ("text_config", "attention_probs_dropout_prob"),
+            "fusion drop path": ("", "fusion_droppath"), "fusion attention": ("", "fusion_dropout"),
+            "text enhancer": ("", "text_enhancer_dropout"), "encoder/decoder": ("", "dropout"),
+            "activation": ("", "activation_dropout"), "attention": ("", "attention_dropout")}
+
+
+def test_dropout_acts_in_train_mode_only(tok):
+    """Every probability at 0.5: each reaches its module; two train-mode forwards differ; in eval the model equals
+    one built with them all 0 (same weights)."""
+    x = inputs(tok, PHOTOS[:2], [PROMPT] * 2, size=(128, 160))
+    outs, models = {}, {}
+    for p in (0.5, 0.0):
+        cfg = parity_config(R.small_config())
+        for sub, key in DROPOUTS.values():
+            (cfg[sub] if sub else cfg)[key] = p
+        torch.manual_seed(0)  # the same weights for both
+        model = models[p] = gdino.GroundingDino(gdino.GroundingDinoConfig.from_dict(cfg))
+        model.tokenizer = tok
+        with torch.no_grad():
+            model.train()
+            outs[p] = [model(x["pixel_values"], x["input_ids"], x["attention_mask"]).logits for _ in range(2)]
+            model.eval()
+            outs[p].append(model(x["pixel_values"], x["input_ids"], x["attention_mask"]).logits)
+    m = models[0.5]
+    blocks = [b for st in m.backbone.stages for b in st.blocks]
+    layer, dec = m.encoder.layers[0], m.decoder.layers[0]
+    assert blocks[0].drop == 0.0 and blocks[-1].drop == 0.5  # stochastic depth rises over the blocks
+    assert m.text_backbone.p_hidden == m.text_backbone.layers[0].p_hidden == m.text_backbone.layers[0].p_attn == 0.5
+    assert layer.fusion_layer.drop == layer.fusion_layer.attn.dropout == layer.text_enhancer_layer.p == 0.5
+    assert layer.deformable_layer.p == layer.deformable_layer.p_act == dec.p == dec.p_act == 0.5
+    assert dec.self_attn.dropout == dec.encoder_attn_text.dropout == layer.text_enhancer_layer.self_attn.dropout == 0.5
+    a, b, ev = outs[0.5]
+    fin = torch.isfinite(a)
+    assert not torch.equal(a[fin], b[fin]), "no effect in train mode"
+    assert torch.equal(outs[0.0][0], outs[0.0][1]), "train mode without dropout is deterministic"
+    assert torch.equal(ev, outs[0.0][2]), "dropout acts in eval mode"
+
+
 def test_a_few_steps_overfit_one_batch(tok):
     """AdamW on one fixed batch (small config from scratch): the loss falls clearly within a few steps."""
     cfg = gdino.GroundingDinoConfig.from_dict(parity_config(R.small_config()))
     model = gdino.GroundingDino(cfg).train()
+    model.tokenizer = tok
     x = inputs(tok, PHOTOS[:2], [PROMPT] * 2)
     labels = random_labels([3, 2], [3, 3])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
@@ -255,6 +297,7 @@ def test_a_few_steps_overfit_one_batch(tok):
 
 def test_bad_labels_are_refused_with_the_image_and_box(tok):
     model = gdino.GroundingDino(gdino.GroundingDinoConfig.from_dict(R.small_config())).train()
+    model.tokenizer = tok
     x = inputs(tok, PHOTOS[:2], ["a cat. a couch.", PROMPT])
     good = random_labels([2, 2], [2, 3])
     cases = {
