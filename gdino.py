@@ -6,11 +6,13 @@ differs in its heads; see section 9) op for op, so that the outputs match it bit
 and `GroundingDinoProcessor` with the PIL image processor for preprocessing and post-processing.
 Deliberate differences: a raw forward refuses prompts over 256 tokens (transformers crashes) and `detect` splits
 them into chunks; `detect` runs images one at a time (a padded batch changes a padded image's outputs, see there);
-no detections give no labels (transformers returns one empty label).
+no detections give no labels (transformers returns one empty label). In training (section 12), each image's class
+targets come from its own prompt and the encoder term supervises the encoder's proposals, as the paper (transformers
+5.23 offsets class ids by the wrong phrase count, and its encoder term trains none of the proposal head).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
 model_type "mm-grounding-dino") from their config.json, tokenizer.json (or vocab.txt) and model.safetensors.
-Leaves out: training (losses, matcher, denoising, dropout, drop path), the timm/ResNet backbones, the single-stage
-(`two_stage=False`) variant, `output_attentions`. Deformable attention is common.py's readable version or, by
+Leaves out: the timm/ResNet backbones, the single-stage (`two_stage=False`) variant, `output_attentions`, denoising
+queries (transformers' Grounding DINO has none either). Deformable attention is common.py's readable version or, by
 default on x86 CPUs, kernels.py's Numba kernel, which gives the same bits (common.resolve_backend).
 
 Stages, in the order `forward` runs them (section numbers are the notebook's):
@@ -26,7 +28,8 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
                         GroundingDino.forward (sections 3-9 in order) and detect
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
  11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, chunking of long prompts
- 12. command line
+ 12. training           label maps from the prompt, Hungarian matching, focal/L1/GIoU set loss; init from scratch
+ 13. command line
 
 Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
 level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
@@ -1297,8 +1300,8 @@ def match(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], maps: 
     return common.hungarian_match(cost.view(B, Q, -1), [len(t["boxes"]) for t in targets])
 
 
-def sigmoid_focal_loss(x: torch.Tensor, y: torch.Tensor, num_boxes: float, alpha: float) -> torch.Tensor:
-    """RetinaNet's focal loss (gamma 2) summed over every element and divided by the number of target boxes."""
+def sigmoid_focal_loss(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RetinaNet's focal loss (gamma 2), elementwise: BCE scaled by (1 - p_t)^2, positives weighted alpha."""
     p = x.sigmoid()
     ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     p_t = p * y + (1 - p) * (1 - y)
@@ -1320,7 +1323,7 @@ def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], map
     onehot = torch.zeros_like(logits)  # (B, Q, W)
     onehot[img, query] = torch.cat([m[t["class_labels"][k]] for m, t, (_, k) in zip(maps, targets, indices)])
     x, y = torch.masked_select(logits, text_mask), torch.masked_select(onehot, text_mask)  # the prompts' tokens
-    out = {"loss_ce": sigmoid_focal_loss(x, y, num_boxes, cfg.focal_alpha).sum() / num_boxes}
+    out = {"loss_ce": sigmoid_focal_loss(x, y, cfg.focal_alpha).sum() / num_boxes}
     target_boxes = torch.cat([t["boxes"][k] for t, (_, k) in zip(targets, indices)])  # (M, 4)
     out.update(common.box_losses(boxes[img, query], target_boxes, num_boxes))
     with torch.no_grad():  # logged, not trained: how many queries score above 0.5 vs how many boxes there are

@@ -280,7 +280,7 @@ def test_a_few_steps_overfit_one_batch(tok):
     cfg = gdino.GroundingDinoConfig.from_dict(parity_config(R.small_config()))
     model = gdino.GroundingDino(cfg).train()
     model.tokenizer = tok
-    x = inputs(tok, PHOTOS[:2], [PROMPT] * 2)
+    x = inputs(tok, PHOTOS[:2], [PROMPT] * 2, size=(128, 160))
     labels = random_labels([3, 2], [3, 3])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
     losses = []
