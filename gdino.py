@@ -1350,12 +1350,15 @@ def grounding_loss(model: GroundingDino, out: GroundingDinoOutput, input_ids: to
     num_boxes = max(float(sum(len(t["boxes"]) for t in targets)), 1.0)
     text_mask = F.pad(attention_mask.bool(), (0, W - attention_mask.shape[1]))[:, None, :].expand(B, Q, W)
     text, token_mask = st["encoder_text"], attention_mask.bool()
-    sets = [("", out.logits, out.pred_boxes)]
-    for i in range(len(st["decoder_hidden"]) - 1 if cfg.auxiliary_loss else 0):  # as heads() does for the last
+    # every layer's predictions (as heads() computes the last: equal to out.logits, out.pred_boxes), made in layer
+    # order as transformers makes them, so that gradients sum into shared heads and the text in the same order
+    n = len(st["decoder_hidden"])
+    preds = []
+    for i in range(n) if cfg.auxiliary_loss else [n - 1]:
         ref = st["init_reference_points"] if i == 0 else st["decoder_boxes"][i - 1]
         h = st["decoder_hidden"][i]
-        sets.append((f"_{i}", model.class_head(i)(h, text, token_mask),
-                     (model.box_head(i)(h) + box_logit(ref)).sigmoid()))
+        preds.append((model.class_head(i)(h, text, token_mask), (model.box_head(i)(h) + box_logit(ref)).sigmoid()))
+    sets = [("", *preds[-1])] + [(f"_{i}", *p) for i, p in enumerate(preds[:-1])]  # transformers' key order
     topk = st["topk_indices"][..., None]  # (B, Q, 1)
     sets.append(("_enc", torch.gather(st["enc_outputs_class"], 1, topk.expand(-1, -1, W)),  # (B, Q, W)
                  torch.gather(st["enc_outputs_coord_logits"], 1, topk.expand(-1, -1, 4)).sigmoid()))  # (B, Q, 4)
