@@ -56,7 +56,6 @@ def assert_stages(ours: dict, ref: dict, atol: float = STAGE_ATOL) -> dict:
     return diffs
 
 
-@torch.no_grad()  # as the reference runs (tests/gdino_reference.run): SDPA picks its kernel by requires_grad
 def our_stages(model, inputs: dict) -> dict:
     """Our forward without autograd, as the reference runs (gdino_reference.run). The mode matters: with autograd on,
     SDPA cannot use its fused CPU kernel where the attention mask needs a gradient (Swin's learned position bias), and
