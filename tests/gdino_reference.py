@@ -91,7 +91,8 @@ def checkpoint(tag: str, cfg: dict, seed: int = 0, hub_layout: bool = False, tem
 
 
 def load(folder: Path):
-    """The reference as users get it: from_pretrained (sdpa BERT: eager adds the boolean phrase mask as 0/1, masking nothing)."""
+    """The reference as users get it: from_pretrained (sdpa BERT: eager adds the boolean phrase mask as 0/1, which
+    masks nothing)."""
     cfg = json.loads((folder / "config.json").read_text())
     model = _model_classes(cfg)[1].from_pretrained(folder).eval()
     assert model.model.text_backbone.config._attn_implementation == "sdpa"
