@@ -131,6 +131,39 @@ def corners_to_center(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)  # (..., 4) cxcywh
 
 
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy non-maximum suppression: (n, 4) xyxy boxes, (n,) scores -> (n_kept,) indices, best score first (ties:
+    the earlier box). A box is dropped when its IoU with a kept, better box is above `iou`; given (n,) classes, only
+    boxes of the same class suppress each other."""
+    order = torch.sort(scores, descending=True, stable=True)[1]  # (n,)
+    b = boxes[order].float()  # (n, 4)
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # (n,)
+    wh = (torch.min(b[:, None, 2:], b[None, :, 2:]) - torch.max(b[:, None, :2], b[None, :, :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]  # (n, n)
+    over = inter / (area[:, None] + area[None, :] - inter) > iou  # (n, n); two empty boxes give nan: not over
+    if classes is not None:
+        over &= classes[order][:, None] == classes[order][None, :]
+    keep = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    for i in range(len(order)):  # each kept box, best first, drops the worse boxes it overlaps
+        if keep[i]:
+            keep[i + 1:] &= ~over[i, i + 1:]
+    return order[keep]
+
+
+def best_detections(result: dict, nms_iou: float | None, top_k: int | None, classes: torch.Tensor | None) -> dict:
+    """A detect() result (tensors and lists, one entry per box) -> after optional NMS, the top_k best, sorted by score.
+    Both None: the result unchanged (the models' own output, as transformers gives it)."""
+    if nms_iou is None and top_k is None:
+        return result
+    if nms_iou is not None:
+        check_threshold("nms", nms_iou)
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    keep = (nms(result["boxes"], result["scores"], nms_iou, classes) if nms_iou is not None
+            else torch.sort(result["scores"], descending=True, stable=True)[1])[:top_k]
+    return {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()] for k, v in result.items()}
+
+
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
@@ -181,8 +214,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend if backend != "auto" else "numba" if exact else "torch"
 
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what from_pretrained(dtype=...) takes
+
+
+def check_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
+    return dtype or torch.float32
+
+
 def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights, backend="auto"):
-    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device)."""
+    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device).
+
+    bfloat16/float16 inputs are sampled in float32 and the output cast back (transformers samples in the half dtype,
+    but torch's CPU grid_sample in bfloat16 returns non-finite values for locations inside the map, and the kernels
+    take float32/float64 only)."""
+    if value.dtype in (torch.bfloat16, torch.float16):
+        return ms_deform_attn(value.float(), spatial_shapes, points_per_level, sampling_locations.float(),
+                              attention_weights.float(), backend).to(value.dtype)
     if resolve_backend(backend, value.device) == "torch":
         return ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
     import kernels  # imported on first use: numba takes a second to import and the readable path needs none

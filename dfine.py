@@ -798,26 +798,34 @@ class DFine(nn.Module):
         return DFineOutput(dec["logits"][:, n_dn:], dec["pred_boxes"][:, n_dn:], stages, loss, loss_dict)
 
     @torch.inference_mode()
-    def detect(self, images, threshold: float = 0.5) -> list[dict]:
-        """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes."""
+    def detect(self, images, threshold: float = 0.5, nms: float | None = None, top_k: int | None = None,
+               class_agnostic: bool = False) -> list[dict]:
+        """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes.
+        nms: an IoU above which a box is dropped for a better one of the same class (of any class with
+        class_agnostic, which also merges one query's several labels), common.nms; top_k: keep the k best.
+        Both None (the default): transformers' post-processing as is."""
         common.check_threshold("threshold", threshold)
         images = [common.load_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
         if not images:
             raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
         weight = self.enc_score_head.weight
         out = self(preprocess(images).to(weight.device, weight.dtype))
-        return postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
-                           self.cfg.id2label)
+        results = postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
+                              self.cfg.id2label)
+        return [common.best_detections(r, nms, top_k, None if class_agnostic else r["labels"]) for r in results]
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
-                        backend: str = "auto") -> "DFine":
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
+                        dtype: torch.dtype | None = None) -> "DFine":
         """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 10).
-        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one)."""
+        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
+        dtype: the weights' and activations' dtype (torch.bfloat16, or torch.float16 where the device has it); None
+        keeps float32. Position embeddings are built in float64 and cast, as in transformers."""
         common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
+        dtype = common.check_dtype(dtype)
         folder = common.resolve_checkpoint(name_or_path, revision)
         cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
-        model = cls(cfg, backend)
+        model = cls(cfg, backend).to(dtype)  # load_weights casts the file's tensors to it
         common.load_weights(model, common.weight_files(folder), key_map, optional=optional_key)
         model.name_or_path, model.revision = str(name_or_path), revision
         return model.eval()
@@ -1175,6 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5, help="keep detections with score > this")
     ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
     ap.add_argument("--fast", action="store_true", help="fold batch norms, channels-last convs: not bit-exact")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    ap.add_argument("--nms", type=float, metavar="IOU", help="drop a box overlapping a better one of its class")
+    ap.add_argument("--top-k", type=int, help="keep the k best detections per image")
     ap.add_argument("--save", help="draw the detections of the first image into this PNG")
     ap.add_argument("--json", action="store_true", help="print JSON instead of one line per detection")
     ap.add_argument("--dump", help="save every stage's tensors (first image) to this .safetensors file")
@@ -1184,10 +1195,10 @@ def main(argv: list[str] | None = None) -> int:
         if out and not Path(out).resolve().parent.is_dir():
             raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
     images = [common.load_image(p) for p in args.images]
-    model = DFine.from_pretrained(args.model, args.revision, args.backend)
+    model = DFine.from_pretrained(args.model, args.revision, args.backend, getattr(torch, args.dtype))
     if args.fast:
         model = fast_inference(model)
-    results = model.detect(images, args.threshold)
+    results = model.detect(images, args.threshold, args.nms, args.top_k)
     if args.json:
         print(json.dumps([{"image": str(p), "detections": [
             {"label": n, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
@@ -1204,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
         common.draw_detections(images[0], r["boxes"], r["names"], r["scores"], args.save)
         print(f"saved {args.save}", file=sys.stderr)  # stderr: stdout stays pure JSON with --json
     if args.dump:
-        pixels = preprocess(images[:1])
+        pixels = preprocess(images[:1]).to(model.enc_score_head.weight.dtype)
         with torch.inference_mode():
             stages = model(pixels, return_stages=True).stages
         common.save_stages(args.dump, stages, args.model, args.revision, pixels)

@@ -380,7 +380,7 @@ class SwinBlock(nn.Module):
         bias = self.relative_position_bias_table[relative_position_index(ws).view(-1).to(x.device)]  # (N*N, nH)
         mask = bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, nH, N, N)
         if s:  # the same (nW, N, N) mask for every image: batch outermost, as the windows
-            mask = mask + shift_mask(Hp, Wp, ws, s).to(x.device).repeat(B, 1, 1)[:, None]  # (B*nW, nH, N, N)
+            mask = mask + shift_mask(Hp, Wp, ws, s).to(x.device, x.dtype).repeat(B, 1, 1)[:, None]  # (B*nW,nH,N,N)
         q, k, v = (lin(win).view(win.shape[0], N, -1, C // self.heads).transpose(1, 2)  # (B*nW, nH, N, hD)
                    for lin in (self.query, self.key, self.value))
         # transformers' Swin runs SDPA with the float bias(+shift) mask; the same call gives the same rounding
@@ -517,7 +517,7 @@ def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10
     embs = [torch.stack((e[..., 0::2].sin(), e[..., 1::2].cos()), dim=-1).flatten(-2) for e in embs]  # sin,cos,...
     if len(embs) >= 2:
         embs[0], embs[1] = embs[1], embs[0]
-    return torch.cat(embs, dim=-1)  # (..., n * num_feats)
+    return torch.cat(embs, dim=-1).to(coords.dtype)  # (..., n * num_feats): float32 inside, the input's dtype out
 
 
 def image_position_embedding(mask: torch.Tensor, d_model: int, temperature: float) -> torch.Tensor:
@@ -540,8 +540,8 @@ class Levels:
     maps: list  # the projected (B, 256, H_l, W_l) maps, for dumps
 
 
-def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    vh, vw = torch.sum(mask[:, :, 0], 1, dtype=torch.float32), torch.sum(mask[:, 0, :], 1, dtype=torch.float32)
+def valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    vh, vw = torch.sum(mask[:, :, 0], 1, dtype=dtype), torch.sum(mask[:, 0, :], 1, dtype=dtype)
     return torch.stack([vw / mask.shape[2], vh / mask.shape[1]], -1)  # (B, 2), (w, h) order
 
 
@@ -823,7 +823,8 @@ class ContrastiveHead(nn.Module):
         if self.bias is not None:
             r = r / math.sqrt(queries.shape[-1]) + self.bias
         r = r.masked_fill(~text_mask[:, None, :], float("-inf"))  # [CLS], '.', [SEP] stay visible, as upstream
-        return F.pad(r, (0, self.max_text_len - r.shape[-1]), value=float("-inf"))  # (B, Q, 256)
+        # float32 whatever the model's dtype: transformers writes the logits into a default-dtype -inf canvas
+        return F.pad(r.float(), (0, self.max_text_len - r.shape[-1]), value=float("-inf"))  # (B, Q, 256)
 
 
 @dataclass
@@ -866,11 +867,14 @@ class GroundingDino(nn.Module):
         init_weights(self)  # section 12; from_pretrained builds on the meta device, where this costs nothing
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
-                        backend: str = "auto") -> GroundingDino:
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
+                        dtype: torch.dtype | None = None) -> GroundingDino:
         """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11.
-        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one)."""
-        return load_checkpoint(name_or_path, revision, backend)
+        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
+        dtype: the weights' and activations' dtype (torch.bfloat16, or torch.float16 where the device has it); None
+        keeps float32. Position embeddings are computed in float32 and cast, masks use the dtype's own min, and
+        the class logits come out in float32, as in transformers."""
+        return load_checkpoint(name_or_path, revision, backend, dtype)
 
     def box_head(self, i: int) -> MLP:
         return self.bbox_embed[i if len(self.bbox_embed) > 1 else 0]
@@ -896,14 +900,14 @@ class GroundingDino(nn.Module):
         # nearest-neighbour downsampling of the full-resolution mask (F.interpolate's default)
         masks = [F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]  # (B,h,w)
         t = self.cfg.positional_embedding_temperature
-        pos = [image_position_embedding(m, self.cfg.d_model, t) for m in masks]  # (B, 256, h, w) each
+        pos = [image_position_embedding(m, self.cfg.d_model, t).to(s.dtype) for m, s in zip(masks, srcs)]  # float32 in
         return Levels(
             source=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),  # (B, S, 256)
             mask=torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
             pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                            for lvl, p in enumerate(pos)], 1),  # (B, S, 256): level embedding on positions only
             shapes=[tuple(s.shape[-2:]) for s in srcs],
-            valid_ratios=torch.stack([valid_ratio(m) for m in masks], 1),  # (B, L, 2)
+            valid_ratios=torch.stack([valid_ratio(m, srcs[0].dtype) for m in masks], 1),  # (B, L, 2)
             maps=srcs)
 
     def encode(self, lv: Levels, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -911,9 +915,9 @@ class GroundingDino(nn.Module):
         V, T = lv.source, text["features"]
         img_pad, txt_pad = ~lv.mask, ~text["token_mask"]
         ref = encoder_reference_points(lv.shapes, lv.valid_ratios)  # (B, S, L, 2)
-        tpos = sine_embedding(text["position_ids"][..., None].float(), self.cfg.d_model)  # (B, T, 256)
-        phrase = text["phrase_mask"][:, None].float()  # (B, 1, T, T): shared by the heads
-        phrase_bias = (1.0 - phrase) * torch.finfo(phrase.dtype).min  # additive, as transformers
+        tpos = sine_embedding(text["position_ids"][..., None].to(T.dtype), self.cfg.d_model)  # (B, T, 256)
+        phrase = text["phrase_mask"][:, None].to(T.dtype)  # (B, 1, T, T): shared by the heads
+        phrase_bias = (1.0 - phrase) * torch.finfo(phrase.dtype).min  # additive, the dtype's own min, as transformers
         for layer in self.encoder.layers:
             V, T = layer.fusion_layer(V, T, img_pad, txt_pad)
             T = layer.text_enhancer_layer(T, tpos, phrase_bias)
@@ -961,9 +965,10 @@ class GroundingDino(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
                 return_stages: bool = False, backbone_maps: list[torch.Tensor] | None = None,
-                labels: list[dict] | None = None) -> GroundingDinoOutput:
+                text: dict | None = None, labels: list[dict] | None = None) -> GroundingDinoOutput:
         """Sections 3-9 in order. backbone_maps: the backbone's output for these pixel_values, computed earlier (detect
-        runs the backbone once for all chunks of a long label list); None runs the backbone here. labels (training,
+        runs the backbone once for all chunks of a long label list); None runs the backbone here. text: encode_text's
+        output for these tokens, computed earlier (an EncodedPrompt's); None runs BERT here. labels (training,
         section 12): per image {"class_labels" (n,) phrase indices into that image's prompt, "boxes" (n, 4) cx, cy,
         w, h in [0, 1]}; the output then carries loss and loss_dict."""
         if labels is not None:  # bad labels fail before the forward, not after it
@@ -976,7 +981,7 @@ class GroundingDino(nn.Module):
         if pixel_mask is None:
             pixel_mask = torch.ones(B, H, W, dtype=torch.long, device=pixel_values.device)
         maps = self.backbone(pixel_values) if backbone_maps is None else backbone_maps  # 3 (4) x (B, C_l, H_l, W_l)
-        text = self.encode_text(input_ids, attention_mask, token_type_ids)  # features (B, T, 256)
+        text = self.encode_text(input_ids, attention_mask, token_type_ids) if text is None else text  # (B, T, 256)
         lv = self.prepare_levels(maps, pixel_mask)  # (B, S, 256) and layout
         memory, text_feats = self.encode(lv, text)  # (B, S, 256), (B, T, 256)
         sel = self.select_queries(memory, lv, text_feats, text["token_mask"])  # top-Q boxes (B, Q, 4)
@@ -993,17 +998,55 @@ class GroundingDino(nn.Module):
             out.stages = stages if return_stages else None
         return out
 
+    def resize(self, size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (shortest, longest) edges images are resized to: `size` if given, else the checkpoint's preprocessor."""
+        if size is None:
+            return self.preprocessor["shortest"], self.preprocessor["longest"]
+        if not (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(isinstance(e, int) and not isinstance(e, bool) and e >= 32 for e in size)):
+            raise InputError(f"size must be two whole numbers (shortest edge, longest edge) of at least 32, "
+                             f"e.g. (480, 800); got {size!r}")
+        return size[0], size[1]
+
     @torch.inference_mode()
-    def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25) -> dict | list[dict]:
-        """Images (path, URL, PIL, array; or a list) and prompts -> per image {"scores", "boxes" (xyxy, original
-        pixels), "labels" (phrase text)}, as transformers' processor + model + post-processing return for that image,
-        plus "label_ids": for each box the index of its best-scoring label in the prompt (a class id).
+    def encode_prompt(self, prompt: str | Sequence[str]) -> EncodedPrompt:
+        """The text branch (tokens, BERT, projection) of one prompt, for detect to take in place of the prompt."""
+        dev = self.level_embed.device
+        chunks = chunk_prompt(self.tokenizer, prompt, self.cfg.max_text_len)
+        tokens = [{k: v.to(dev) for k, v in tokenize(self.tokenizer, [c]).items()} for c in chunks]
+        text = [self.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"]) for t in tokens]
+        return EncodedPrompt(chunks, tokens, text, [len(split_phrases(c)) for c in chunks])
+
+    @torch.inference_mode()
+    def encode_image(self, image, size: tuple[int, int] | None = None) -> EncodedImage:
+        """The preprocessing and backbone of one image, for detect to take in place of the image; size as detect's."""
+        resize = self.resize(size)
+        pixel_values, pixel_mask, sizes = preprocess_images([image], *resize, self.preprocessor["mean"],
+                                                            self.preprocessor["std"])
+        pixel_values = pixel_values.to(self.level_embed.device, self.level_embed.dtype)  # the model's dtype
+        return EncodedImage(pixel_values, pixel_mask.to(pixel_values.device), sizes[0], resize,
+                            self.backbone(pixel_values))
+
+    @torch.inference_mode()
+    def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25,
+               size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
+               class_agnostic: bool = False) -> dict | list[dict]:
+        """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
+        {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)}, as transformers' processor + model +
+        post-processing return for that image, plus "label_ids": for each box the index of its best-scoring label
+        in the prompt (a class id).
+
+        size: (shortest, longest) edges to resize to, as the processor's size={"shortest_edge", "longest_edge"};
+        None: the checkpoint's. nms: an IoU above which a box is dropped for a better one of the same label (of any
+        label with class_agnostic), common.nms; top_k: keep the k best. With either, results are sorted by score;
+        without (the default), they are transformers' (query order, no NMS).
 
         Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
         padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
         image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
         tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
-        chunk (the feature enhancer mixes the text into the image tokens, so nothing after the backbone is shared).
+        chunk. The backbone (encode_image) and BERT (encode_prompt) are what can be reused; the feature enhancer mixes
+        the text into the image tokens, so nothing after them is shared.
         """
         threshold = check_threshold("threshold", threshold)
         text_threshold = check_threshold("text_threshold", text_threshold)
@@ -1011,29 +1054,53 @@ class GroundingDino(nn.Module):
         images = [images] if single else list(images)
         if not images:
             raise InputError("no images given")
-        chunks = [chunk_prompt(self.tokenizer, p, self.cfg.max_text_len)
-                  for p in prompts_per_image(prompts, len(images))]
+        resize = self.resize(size)
+        encoded = {}  # id(prompt) -> EncodedPrompt: a prompt shared by several images goes through BERT once
         results = []
-        for img, image_chunks in zip(images, chunks):
-            pixel_values, pixel_mask, sizes = preprocess_images([img], **self.preprocessor)
-            dev = self.level_embed.device
-            pixel_values, pixel_mask = pixel_values.to(dev), pixel_mask.to(dev)
-            maps = self.backbone(pixel_values)  # once per image, whatever the number of chunks
+        for img, prompt in zip(images, prompts_per_image(prompts, len(images))):
+            if not isinstance(prompt, EncodedPrompt):
+                if id(prompt) not in encoded:
+                    encoded[id(prompt)] = self.encode_prompt(prompt)
+                prompt = encoded[id(prompt)]
+            if isinstance(img, EncodedImage) and size is not None and img.resize != resize:
+                raise InputError(f"the image was encoded at size {img.resize}, detect was asked for {resize}")
+            img = img if isinstance(img, EncodedImage) else self.encode_image(img, resize)
             parts, offset = [], 0
-            for text in image_chunks:
-                tok = {k: v.to(dev) for k, v in tokenize(self.tokenizer, [text]).items()}
-                out = self(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
-                           backbone_maps=maps)
+            for tok, text, n_labels in zip(prompt.tokens, prompt.text, prompt.labels):
+                out = self(img.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
+                           img.pixel_mask, backbone_maps=img.maps, text=text)
                 part = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
-                                    text_threshold, sizes)[0]
+                                    text_threshold, [img.size])[0]
                 part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
-                offset += len(split_phrases(text))
+                offset += n_labels
                 parts.append(part)
-            results.append({"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
-                            "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
-                            "labels": [lab for p in parts for lab in p["labels"]],
-                            "label_ids": torch.cat([p["label_ids"] for p in parts])})
+            r = {"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
+                 "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
+                 "labels": [lab for p in parts for lab in p["labels"]],
+                 "label_ids": torch.cat([p["label_ids"] for p in parts])}
+            results.append(common.best_detections(r, nms, top_k, None if class_agnostic else r["label_ids"]))
         return results[0] if single else results
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt through the text branch once (GroundingDino.encode_prompt): it depends on the prompt alone, so detect
+    takes it in place of the prompt, for any number of images."""
+    chunks: list[str]  # the prompt's texts of at most max_text_len tokens, whole labels each
+    tokens: list[dict]  # per chunk: input_ids, attention_mask, token_type_ids (1, T)
+    text: list[dict]  # per chunk: encode_text's output, features (1, T, 256) and masks
+    labels: list[int]  # per chunk: its number of labels (label_ids count on across chunks)
+
+
+@dataclass
+class EncodedImage:
+    """An image through preprocessing and the backbone once (GroundingDino.encode_image): they depend on the image
+    alone, so detect takes it in place of the image, for any number of prompts."""
+    pixel_values: torch.Tensor  # (1, 3, H, W)
+    pixel_mask: torch.Tensor  # (1, H, W)
+    size: tuple[int, int]  # the original (height, width): boxes are scaled to it
+    resize: tuple[int, int]  # the (shortest, longest) edges it was resized to
+    maps: list  # the backbone's 3 (4) x (1, C_l, H_l, W_l)
 
 
 # -----------------------------------------------------------------------------
@@ -1186,8 +1253,10 @@ def checkpoint_config(folder: Path) -> GroundingDinoConfig:
     return cfg
 
 
-def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "auto") -> GroundingDino:
+def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
+                    dtype: torch.dtype | None = None) -> GroundingDino:
     common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
+    dtype = common.check_dtype(dtype)
     folder = common.resolve_checkpoint(name_or_path, revision)
     cfg = checkpoint_config(folder)
     files = common.weight_files(folder)
@@ -1196,7 +1265,7 @@ def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backe
     bias_shape = next((s for k, s in shapes.items() if re.search(r"class_embed(\.\d+)?\.bias$", k)), ())
     with torch.device("meta"):  # no random init of 172M+ parameters that the checkpoint overwrites anyway
         model = GroundingDino(cfg, backend=backend)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu").to(dtype)  # load_weights casts the file's tensors to it
     if bias_shape == (1,):
         for head in [model.encoder_output_class_embed, *model.class_embed]:
             head.bias = nn.Parameter(torch.zeros(1))
@@ -1243,7 +1312,7 @@ def chunk_prompt(tokenizer, prompt: str | Sequence[str], max_tokens: int = 256) 
 def prompts_per_image(prompts, n: int) -> list:
     """One prompt for all images, or one per image. Like transformers, a list of strings none of which contains
     '.' is one label list; any other list of strings (or of label lists) has one entry per image."""
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, EncodedPrompt)):
         return [prompts] * n
     if isinstance(prompts, (list, tuple)) and not prompts:
         raise InputError("the prompt list is empty; give labels like ['a cat', 'a remote control']")
@@ -1451,13 +1520,19 @@ def main() -> int:
     ap.add_argument("--dump", metavar="STAGES.safetensors",
                     help="save every stage's tensors (of the first chunk, for a prompt over 256 tokens)")
     ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("SHORTEST", "LONGEST"),
+                    help="resize edges (default: the checkpoint's, 800 1333): smaller is faster")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    ap.add_argument("--nms", type=float, metavar="IOU", help="drop a box overlapping a better one of its label")
+    ap.add_argument("--top-k", type=int, help="keep the k best detections")
     args = ap.parse_args()
     check_threshold("--threshold", args.threshold)
     check_threshold("--text-threshold", args.text_threshold)
     image = load_image(args.image)
-    model = GroundingDino.from_pretrained(args.model, args.revision, backend=args.backend)
+    model = GroundingDino.from_pretrained(args.model, args.revision, args.backend, getattr(torch, args.dtype))
     t0 = time.perf_counter()
-    r = model.detect(image, args.prompt, args.threshold, args.text_threshold)
+    size = tuple(args.size) if args.size else None
+    r = model.detect(image, args.prompt, args.threshold, args.text_threshold, size, args.nms, args.top_k)
     seconds = time.perf_counter() - t0
     dets = [{"label": lab, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
             for lab, i, s, b in zip(r["labels"], r["label_ids"], r["scores"], r["boxes"])]
@@ -1470,11 +1545,12 @@ def main() -> int:
     if args.save:
         common.draw_detections(image, r["boxes"], r["labels"], r["scores"], args.save)
     if args.dump:
-        pixel_values, pixel_mask, _ = preprocess_images([image], **model.preprocessor)
+        enc = model.encode_image(image, size)
+        pixel_values, pixel_mask = enc.pixel_values, enc.pixel_mask
         tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)[:1])
         with torch.inference_mode():
             out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
-                        return_stages=True)
+                        return_stages=True, backbone_maps=enc.maps)
         common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
                     args.model, args.revision, pixel_values)
     return 0

@@ -90,11 +90,11 @@ def checkpoint(tag: str, cfg: dict, seed: int = 0, hub_layout: bool = False, tem
     return cached_checkpoint(tag, key, make)
 
 
-def load(folder: Path):
+def load(folder: Path, dtype: torch.dtype | None = None):
     """The reference as users get it: from_pretrained (sdpa BERT: eager adds the boolean phrase mask as 0/1, which
-    masks nothing)."""
+    masks nothing); dtype as from_pretrained's (None: float32)."""
     cfg = json.loads((folder / "config.json").read_text())
-    model = _model_classes(cfg)[1].from_pretrained(folder).eval()
+    model = _model_classes(cfg)[1].from_pretrained(folder, **({"dtype": dtype} if dtype else {})).eval()
     assert model.model.text_backbone.config._attn_implementation == "sdpa"
     return model
 
