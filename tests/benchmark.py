@@ -8,7 +8,11 @@ reference checkpoints (random, the real configs: same FLOPs as the real ones); n
 `dfine-<size>-fast` rows time ours after dfine.fast_inference (other rounding; see dfine.py section 11).
 `dfine-n-train` times one training step's forward + backward (train mode, labels, denoising queries; no optimizer
 step) at 320x320, batch 8, 3 objects per image; `gdino-tiny-train` the same for Grounding DINO tiny at 320x426,
-batch 1, 3 objects. `--quick` runs D-FINE nano twice for a smoke test (tests/test_benchmark.py).
+batch 1, 3 objects. `--quick` runs D-FINE nano twice for a smoke test (tests/test_benchmark.py), and the rows below
+on the tests' small Grounding DINO.
+`--reuse`: Grounding DINO detect on ten prompts x one image and one prompt x ten images, with and without
+encode_image / encode_prompt. `--bf16-rss`: our peak RSS in float32 and in bfloat16. `--device cuda` (with `--backend
+numba|torch` for ours, `--dtype`): the GPU rows, TF32 off (tests/gpu_check.sh runs them).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from conftest import DATA  # noqa: E402
 
 CATS = DATA / "coco_000000039769.png"
 PROMPT = "a cat. a remote control."
+WORDS = ["cat", "remote control", "sofa", "blanket", "cup", "spoon", "wall", "floor", "table", "plate"]
+DEVICE, BACKEND, DTYPE = torch.device("cpu"), "auto", torch.float32  # set by main: --device, --backend, --dtype
 DFINE_SIZES = ["n", "s", "m", "l", "x"]
 GDINO_CONFIGS = {"gdino-tiny": "grounding-dino-tiny", "mm-gdino-tiny": "mm_grounding_dino_tiny_o365v1_goldg"}
 
@@ -58,10 +64,10 @@ def dfine_case(size: str, build=("ours", "theirs"), fast: bool = False):
     from dfine_reference import checkpoint, hf_model
 
     folder = checkpoint(size)
-    ours = dfine.DFine.from_pretrained(folder) if "ours" in build else None
+    ours = dfine.DFine.from_pretrained(folder, backend=BACKEND, dtype=DTYPE).to(DEVICE) if "ours" in build else None
     ours = dfine.fast_inference(ours) if fast and ours is not None else ours
-    theirs = hf_model(folder) if "theirs" in build else None
-    px = dfine.preprocess([common.load_image(CATS)])
+    theirs = hf_model(folder).to(DEVICE, DTYPE) if "theirs" in build else None
+    px = dfine.preprocess([common.load_image(CATS)]).to(DEVICE, DTYPE)
 
     def stages():
         t = {}
@@ -107,13 +113,22 @@ def gdino_case(name: str, build=("ours", "theirs")):
     from conftest import hub_config
 
     # the tests' own reference checkpoints (same cache): tiny in the Hub's key layout, MM tiny as built
-    folder = (R.checkpoint("gdino-tiny", hub_config(GDINO_CONFIGS[name]), hub_layout=True) if name == "gdino-tiny"
-              else R.checkpoint(f"mm-{GDINO_CONFIGS[name]}", hub_config(GDINO_CONFIGS[name])))
-    ours = gdino.GroundingDino.from_pretrained(folder) if "ours" in build else None
-    theirs = R.load(folder) if "theirs" in build else None
-    pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS])  # 800x1066, as the Hub processor
-    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask,
+    if name == "gdino-small":  # the tests' small checkpoint (320/533 resize): for --quick
+        folder = R.checkpoint("gdino-small", R.small_config(), temper=True,
+                              size={"shortest_edge": 320, "longest_edge": 533})
+    elif name == "gdino-tiny":
+        folder = R.checkpoint("gdino-tiny", hub_config(GDINO_CONFIGS[name]), hub_layout=True)
+    else:
+        folder = R.checkpoint(f"mm-{GDINO_CONFIGS[name]}", hub_config(GDINO_CONFIGS[name]))
+    ours = (gdino.GroundingDino.from_pretrained(folder, backend=BACKEND, dtype=DTYPE).to(DEVICE) if "ours" in build
+            else None)
+    theirs = R.load(folder, DTYPE).to(DEVICE) if "theirs" in build else None
+    size = (320, 533) if name == "gdino-small" else (800, 1333)  # 800x1066, as the Hub processor
+    pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS], *size)
+    inputs = {"pixel_values": pixel_values.to(DTYPE), "pixel_mask": pixel_mask,
               **gdino.tokenize(gdino.load_tokenizer(folder), [PROMPT])}
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    pixel_values, pixel_mask = inputs["pixel_values"], inputs["pixel_mask"]
 
     def stages():
         t, clock = {}, time.perf_counter()
@@ -164,8 +179,9 @@ def gdino_train_case(build=("ours", "theirs")):
 
 
 def case(name: str, build=("ours", "theirs")):
-    """gdino-tiny, mm-gdino-tiny, gdino-tiny-train, dfine-<size>, dfine-<size>-fast (ours after
-    dfine.fast_inference), or dfine-<size>-train (a training step's forward + backward)."""
+    """gdino-tiny, mm-gdino-tiny, gdino-small (the tests' small checkpoint), gdino-tiny-train, dfine-<size>,
+    dfine-<size>-fast (ours after dfine.fast_inference), or dfine-<size>-train (a training step's forward +
+    backward)."""
     if name.startswith("dfine-") and name.endswith("-train"):
         return dfine_train_case(name.split("-")[1], build)
     if name == "gdino-tiny-train":
@@ -179,9 +195,11 @@ def case(name: str, build=("ours", "theirs")):
 # Peak RSS: each implementation alone in a fresh process (a shared process would report the larger of the two)
 
 
-def rss_child(name: str, impl: str) -> None:
+def rss_child(name: str, impl: str, dtype: str = "float32") -> None:
     """Build only `impl`, run it once, report the process's peak resident memory. VmHWM, not ru_maxrss: on Linux
     ru_maxrss survives exec, so a child would report its parent's peak."""
+    global DTYPE
+    DTYPE = getattr(torch, dtype)
     _, run_ours, run_theirs, _ = case(name, build=(impl,))
     with mode(name):
         (run_ours if impl == "ours" else run_theirs)()
@@ -189,8 +207,8 @@ def rss_child(name: str, impl: str) -> None:
     print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
-def peak_rss(name: str, impl: str) -> float:
-    r = subprocess.run([sys.executable, __file__, "--rss-child", name, impl], capture_output=True, text=True)
+def peak_rss(name: str, impl: str, dtype: str = "float32") -> float:
+    r = subprocess.run([sys.executable, __file__, "--rss-child", name, impl, dtype], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"RSS child for {name}/{impl} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -209,8 +227,14 @@ def mode(name: str):
     return contextlib.nullcontext() if name.endswith("-train") else torch.inference_mode()
 
 
+def synced(fn):
+    """fn, then wait for the GPU: CUDA calls return before the work is done."""
+    return (lambda: (fn(), torch.cuda.synchronize())) if DEVICE.type == "cuda" else fn
+
+
 def bench(name: str, runs: int, rss: bool) -> dict:
     ours, run_ours, run_theirs, stages = case(name)
+    run_ours, run_theirs = synced(run_ours), synced(run_theirs)
     with mode(name):
         t_ours, t_theirs = timed([run_ours, run_theirs], runs)
         split = [stages() for _ in range(runs)] if stages else [{}]
@@ -227,9 +251,51 @@ def bench(name: str, runs: int, rss: bool) -> dict:
     return row
 
 
+def reuse_rows(name: str, n: int, runs: int) -> list[dict]:
+    """n prompts on one image and one prompt on n images (the photos in turn): detect each time from scratch, and
+    with the image's backbone (encode_image) or the prompt's BERT (encode_prompt) computed once, in the timing."""
+    from conftest import PHOTOS
+
+    ours = case(name, build=("ours",))[0]
+    size = (320, 533) if name == "gdino-small" else None
+    images = [common.load_image(DATA / PHOTOS[i % len(PHOTOS)]) for i in range(n)]
+    prompts = [f"a {WORDS[i % 10]}. a {WORDS[(i + 1) % 10]}." for i in range(n)]
+
+    def prompts_plain():
+        return [ours.detect(images[0], p, size=size) for p in prompts]
+
+    def prompts_reused():
+        image = ours.encode_image(images[0], size)
+        return [ours.detect(image, p) for p in prompts]
+
+    def images_plain():
+        return [ours.detect(im, PROMPT, size=size) for im in images]
+
+    def images_reused():
+        prompt = ours.encode_prompt(PROMPT)
+        return [ours.detect(im, prompt, size=size) for im in images]
+
+    rows = []
+    for task, plain, reused in ((f"{n} prompts x 1 image", prompts_plain, prompts_reused),
+                                (f"1 prompt x {n} images", images_plain, images_reused)):
+        t_plain, t_reused = timed([synced(plain), synced(reused)], runs)
+        rows.append({"model": name, "task": task, "plain_s": statistics.median(t_plain),
+                     "reused_s": statistics.median(t_reused)})
+    return rows
+
+
+def print_reuse(rows: list[dict]) -> None:
+    print(f"\nencode once, query many: detect's total time, median of the turns ({DEVICE.type}, {DTYPE})")
+    print(f"{'model':<14} {'task':<22} {'plain s':>9} {'reused s':>9} {'saved':>7}")
+    for r in rows:
+        print(f"{r['model']:<14} {r['task']:<22} {r['plain_s']:>9.3f} {r['reused_s']:>9.3f} "
+              f"{1 - r['reused_s'] / r['plain_s']:>7.0%}")
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1 (dfine-n-train: 8), median "
-          f"of the turns")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {DTYPE}, batch 1 (dfine-n-train: 8), "
+          f"median of the turns, {torch.cuda.get_device_name(DEVICE) if DEVICE.type == 'cuda' else 'cpu'}, ours with "
+          f"backend {BACKEND}")
     print(f"{'model':<14} {'ours s (min-max)':>22} {'transformers s (min-max)':>26} {'ratio (min-max)':>17} "
           f"{'GFLOP':>7} {'GFLOP/s':>8} {'RSS ours/theirs MB':>19}")
     for r in rows:
@@ -251,11 +317,31 @@ def main() -> int:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--rss-only", action="store_true", help="only the peak RSS of ours and theirs")
     ap.add_argument("--json", help="also write the rows to this file")
-    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", action="store_true", help="only the encode-once rows (gdino-tiny unless named)")
+    ap.add_argument("--bf16-rss", action="store_true", help="only our peak RSS in float32 and bfloat16")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off)")
+    ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="our deformable attention's")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE, BACKEND, DTYPE
+    DEVICE, BACKEND, DTYPE = torch.device(args.device), args.backend, getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # plain fp32 on GPUs
     if args.rss_child:
         rss_child(*args.rss_child)
         return 0
+    if args.quick or args.reuse:
+        reuse = reuse_rows("gdino-small", 2, 1) if args.quick else [
+            r for n in (args.models or ["gdino-tiny"]) for r in reuse_rows(n, 10, args.runs)]
+        print_reuse(reuse)
+        if args.reuse:
+            return 0
+    if args.quick or args.bf16_rss:
+        print("\npeak RSS of ours, float32 / bfloat16 (MB), each alone in a fresh process:")
+        for n in ["gdino-small"] if args.quick else (args.models or [*GDINO_CONFIGS, "dfine-n", "dfine-l"]):
+            print(f"{n:<14} {peak_rss(n, 'ours'):.0f} / {peak_rss(n, 'ours', 'bfloat16'):.0f}")
+        if args.bf16_rss:
+            return 0
     names = args.models or [*GDINO_CONFIGS, *(f"dfine-{s}{f}" for f in ("", "-fast") for s in DFINE_SIZES),
                             "dfine-n-train", "gdino-tiny-train"]
     if args.rss_only:

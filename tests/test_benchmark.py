@@ -12,3 +12,6 @@ def test_benchmark_quick_prints_the_table():
     row = next(line for line in r.stdout.splitlines() if line.startswith("dfine-n"))
     assert len(row.split()) >= 8  # ours, min-max, theirs, min-max, ratio, GFLOP, GFLOP/s, RSS
     assert "backbone" in r.stdout and "decoder + heads" in r.stdout  # the per-stage split
+    assert "2 prompts x 1 image" in r.stdout and "1 prompt x 2 images" in r.stdout  # encode once, query many
+    rss = next(line for line in r.stdout.splitlines() if line.startswith("gdino-small") and "/" in line)
+    assert all(float(v) > 0 for v in rss.split()[1::2])  # peak RSS in float32 / bfloat16
