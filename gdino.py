@@ -6,7 +6,8 @@ differs in its heads; see section 9) op for op, so that the outputs match it bit
 and `GroundingDinoProcessor` with the PIL image processor for preprocessing and post-processing.
 Deliberate differences: a raw forward refuses prompts over 256 tokens (transformers crashes) and `detect` splits
 them into chunks; `detect` runs images one at a time (a padded batch changes a padded image's outputs, see there);
-no detections give no labels (transformers returns one empty label). In training (section 12), each image's class
+no detections give no labels (transformers returns one empty label); in bf16/fp16 the deformable attention samples
+in float32 (common.ms_deform_attn says why). In training (section 12), each image's class
 targets come from its own prompt and the encoder term supervises the encoder's proposals, as the paper (transformers
 5.23 offsets class ids by the wrong phrase count, and its encoder term trains none of the proposal head).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
