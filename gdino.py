@@ -25,7 +25,8 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
  11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, detect, chunking
- 12. command line
+ 12. ONNX export        model.export_onnx(path, image_size): dynamic batch and prompt length, fixed image size
+ 13. command line
 
 Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
 level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
@@ -283,15 +284,14 @@ def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[to
     delimiter see only themselves, at position 0 (transformers' vectorised generate_masks_with_special_tokens...).
     """
     B, T = input_ids.shape
-    delim = torch.isin(input_ids, torch.tensor(delimiters, device=input_ids.device))  # (B, T)
+    delim = (input_ids[..., None] == torch.tensor(delimiters, device=input_ids.device)).any(-1)  # (B, T)
     idx = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
-    prev = torch.cummax(torch.where(delim, idx, torch.full((), -1, device=idx.device)), dim=1)[0]
-    prev = torch.cat([prev.new_full((B, 1), -1), prev[:, :-1]], dim=1)  # (B, T): last delimiter strictly before
-    nxt = torch.where(delim, idx, torch.tensor(T, device=idx.device))
-    nxt = torch.flip(torch.cummin(torch.flip(nxt, dims=[1]), dim=1)[0], dims=[1])  # (B, T): first delimiter at/after
+    before = idx.unsqueeze(1) < idx.unsqueeze(2)  # (B, T, T): [b, t, s] is True where token s comes before t
+    prev = torch.where(delim.unsqueeze(1) & before, idx.unsqueeze(1), -1).amax(-1)  # (B, T): last delimiter before
+    nxt = torch.where(delim.unsqueeze(1) & ~before, idx.unsqueeze(1), T).amin(-1)  # (B, T): first delimiter at/after
     valid = (nxt != 0) & (nxt != T - 1) & (nxt != T)  # phrases closed by [CLS], the final [SEP] or nothing don't count
     mask = (nxt.unsqueeze(2) == nxt.unsqueeze(1)) & valid.unsqueeze(1)  # (B, T, T)
-    mask = torch.eye(T, device=idx.device, dtype=torch.bool).unsqueeze(0).expand(B, -1, -1) | mask  # (B, T, T)
+    mask = (idx.unsqueeze(2) == idx.unsqueeze(1)) | mask  # (B, T, T): every token sees itself
     position_ids = torch.where(valid, idx - prev - 1, torch.zeros_like(idx)).clamp(min=0).long()
     return mask, position_ids
 
@@ -1191,7 +1191,56 @@ def prompts_per_image(prompts, n: int) -> list:
 
 
 # -----------------------------------------------------------------------------
-# 12. Command line
+# 12. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
+#
+# Batch and prompt length (up to max_text_len) stay dynamic. The image size is fixed when exporting: the tracer
+# keeps the per-level map sizes that DeformableAttention turns into a `torch.tensor` of offset normalisers (and
+# the linspace grids of sections 6 and 7) as constants, so a graph traced at one size computes wrong sampling
+# locations at another; common.OnnxModel refuses other sizes instead. The graph gets the readable deformable
+# attention whatever the model's backend. Tokens as `tokenize` makes them.
+
+ONNX_INPUTS = ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "pixel_mask"]
+
+
+class ExportedForward(nn.Module):
+    """What the graph computes: forward's two tensors, with the readable deformable attention."""
+
+    def __init__(self, model: GroundingDino):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask):
+        out = self.model(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask)
+        return out.logits, out.pred_boxes
+
+
+def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
+    """Write model's forward to an ONNX file that takes pixel_values of exactly image_size = (height, width), padded
+    as preprocess_images pads. Default: the size the model's preprocessor gives a 480x640 photo (800x1066 for the
+    Hub's). The model is left as it was."""
+    pre = model.preprocessor
+    h, w = image_size or resized_size(480, 640, pre["shortest"], pre["longest"])
+    dev = model.level_embed.device
+    tok = tokenize(model.tokenizer, ["a cat. a remote control.", "a cat."])  # two lengths: padding is traced too
+    pixel_values = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
+    args = [pixel_values, *(tok[k].to(dev) for k in ONNX_INPUTS[1:4]), torch.ones(2, h, w, dtype=torch.long).to(dev)]
+    dynamic = {"pixel_values": {0: "batch"}, "pixel_mask": {0: "batch"},
+               **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
+    hint = (f"Grounding DINO graphs take one image size (section 12 of gdino.py): pad to {h}x{w} with pixel_mask 0 "
+            f"on the padding, or export again with image_size=(height, width) of your pixel_values.")
+    backend, model.backend = model.backend, "torch"
+    try:
+        common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic,
+                           {"model": getattr(model, "name", ""), "fixed": hint})
+    finally:
+        model.backend = backend
+
+
+GroundingDino.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section
+
+
+# -----------------------------------------------------------------------------
+# 13. Command line
 
 
 def main() -> int:
@@ -1207,6 +1256,8 @@ def main() -> int:
     ap.add_argument("--dump", metavar="STAGES.safetensors",
                     help="save every stage's tensors (of the first chunk, for a prompt over 256 tokens)")
     ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
+    ap.add_argument("--export-onnx", metavar="FILE",
+                    help="also write the model to this ONNX file, for images of this image's size (section 12)")
     args = ap.parse_args()
     check_threshold("--threshold", args.threshold)
     check_threshold("--text-threshold", args.text_threshold)
@@ -1233,6 +1284,10 @@ def main() -> int:
                         return_stages=True)
         common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
                     args.model, args.revision, pixel_values)
+    if args.export_onnx:
+        size = preprocess_images([image], **model.preprocessor)[0].shape[-2:]
+        model.export_onnx(args.export_onnx, tuple(size))
+        print(f"saved {args.export_onnx} (pixel_values of {size[0]}x{size[1]})")
     return 0
 
 
