@@ -388,11 +388,11 @@ def compare_stages(a: str | Path, b: str | Path) -> list[tuple[str, str, float, 
 # -----------------------------------------------------------------------------
 # 7. ONNX: export (TorchScript exporter, opset 17) and a small onnxruntime runner that checks its inputs
 #
-# The TorchScript exporter traces one forward: Python ints taken from input shapes stay symbolic where they feed
-# tensor ops, so dimensions declared dynamic stay dynamic; what the models compute from a `torch.tensor([...])` of
-# sizes becomes a constant, so those dimensions must stay fixed (the files' export sections say which). The
-# dynamo exporter also works for D-FINE but takes ten times longer. The graph's dimension names are the runner's
-# contract: "batch", "height", "width", "tokens"; numbers are fixed sizes.
+# The TorchScript exporter traces one forward: sizes taken from input shapes stay symbolic where they feed tensor
+# ops, so dimensions declared dynamic stay dynamic; a `torch.tensor([...])` built from sizes becomes a constant (the
+# files' export sections say how they avoid that). The dynamo exporter exports D-FINE too but takes ten times
+# longer. The graph's dimension names are the runner's contract: "batch", "height", "width", "tokens"; numbers are
+# fixed sizes.
 
 ONNX_OPSET = 17
 

@@ -898,9 +898,9 @@ def fast_inference(model: DFine) -> DFine:
 # -----------------------------------------------------------------------------
 # 11. ONNX export: the forward as a graph (pixel_values -> logits, pred_boxes), post-processing left outside
 #
-# Batch, height and width stay dynamic (multiples of 32, as forward requires): anchors and AIFI's position embedding
-# are computed in the graph from the input size. The graph gets the readable deformable attention whatever the
-# model's backend. common.OnnxModel runs the file and checks its inputs.
+# Batch, height and width stay dynamic (multiples of 32, as forward requires) unless export_onnx is given image_size:
+# anchors and AIFI's position embedding are computed in the graph from the input size. The graph gets the readable
+# deformable attention whatever the model's backend. common.OnnxModel runs the file and checks its inputs.
 
 
 class ExportedForward(nn.Module):
@@ -915,24 +915,26 @@ class ExportedForward(nn.Module):
         return out.logits, out.pred_boxes
 
 
-def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] = (320, 320)) -> None:
-    """Write model's forward to an ONNX file. image_size only shapes the example traced (any multiple of 32 runs).
+def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
+    """Write model's forward to an ONNX file. image_size = (height, width), multiples of 32, fixes the graph to that
+    size (for runtimes that want static shapes); None leaves it dynamic (traced at 320x320).
 
     The per-size cache (`once`) is bypassed while tracing: the anchors and position embeddings must be computed in
     the graph from its input, and the cache must not keep the tracer's tensors (the model would then compute other
     numbers). The model is left computing exactly what it computed before."""
     global once
-    h, w = image_size
+    h, w = image_size or (320, 320)
     if h % 32 or w % 32:
         raise InputError(f"image_size must be multiples of 32, got {image_size}")
     weight = model.enc_score_head.weight
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    dynamic = {"pixel_values": {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"}}
+    hint = f"Resize to {h}x{w}, or export again with image_size=None (any multiple of 32)."
     cached, backend = once, model.backend
     once, model.backend = (lambda fn, *args: fn(*args)), "torch"
     try:
-        common.export_onnx(ExportedForward(model), [example], path, ["pixel_values"],
-                           {"pixel_values": {0: "batch", 2: "height", 3: "width"}},
-                           {"model": getattr(model, "name_or_path", ""), "size_multiple": 32})
+        common.export_onnx(ExportedForward(model), [example], path, ["pixel_values"], dynamic,
+                           {"model": getattr(model, "name_or_path", ""), "size_multiple": 32, "fixed": hint})
     finally:
         once, model.backend = cached, backend
 

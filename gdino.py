@@ -25,7 +25,7 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   9. heads              contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
  11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, detect, chunking
- 12. ONNX export        model.export_onnx(path, image_size): dynamic batch and prompt length, fixed image size
+ 12. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
  13. command line
 
 Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
@@ -600,6 +600,11 @@ class TextEnhancerLayer(nn.Module):
         return self.layer_norm_after(self.fc2(F.relu(self.fc1(T))) + T)
 
 
+def level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
+    """(L, 2): each level's (width, height), in like's dtype and device (the encoder's offsets are in its pixels)."""
+    return torch.tensor([[wl, hl] for hl, wl in shapes], dtype=like.dtype, device=like.device)
+
+
 class DeformableAttention(nn.Module):
     """Multi-scale deformable attention (Deformable DETR eq. 3): each query samples P points per level around its
     reference; the sampling itself is common.ms_deform_attn."""
@@ -623,7 +628,7 @@ class DeformableAttention(nn.Module):
         off = self.sampling_offsets(query).view(B, Q, nH, L, P, 2)  # (B, Q, nH, L, P, 2)
         w = self.attention_weights(query).view(B, Q, nH, L * P).softmax(-1)  # (B, Q, nH, L*P): over levels and points
         if ref.shape[-1] == 2:  # encoder: a point per level, offsets in pixels of that level
-            norm = torch.tensor([[wl, hl] for hl, wl in shapes], dtype=query.dtype, device=query.device)  # (L, 2)
+            norm = level_sizes(shapes, query)  # (L, 2)
             loc = ref[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
         else:  # decoder: a box per level, offsets scaled by half its size over P
             loc = ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
@@ -1193,11 +1198,11 @@ def prompts_per_image(prompts, n: int) -> list:
 # -----------------------------------------------------------------------------
 # 12. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
 #
-# Batch and prompt length (up to max_text_len) stay dynamic. The image size is fixed when exporting: the tracer
-# keeps the per-level map sizes that DeformableAttention turns into a `torch.tensor` of offset normalisers (and
-# the linspace grids of sections 6 and 7) as constants, so a graph traced at one size computes wrong sampling
-# locations at another; common.OnnxModel refuses other sizes instead. The graph gets the readable deformable
-# attention whatever the model's backend. Tokens as `tokenize` makes them.
+# Batch, prompt length (up to max_text_len) and image size stay dynamic, unless export_onnx is given image_size,
+# which fixes height and width (for runtimes that want static shapes; common.OnnxModel then refuses other sizes).
+# The exporter traces one forward, in which the map sizes are traced values: level_sizes would turn them into a
+# constant `torch.tensor`, so while tracing it is replaced by traced_level_sizes, which stacks them (same values).
+# The graph gets the readable deformable attention whatever the model's backend. Tokens as `tokenize` makes them.
 
 ONNX_INPUTS = ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "pixel_mask"]
 
@@ -1214,26 +1219,34 @@ class ExportedForward(nn.Module):
         return out.logits, out.pred_boxes
 
 
+def traced_level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
+    """level_sizes from sizes that are 0-d tensors while tracing, kept in the graph."""
+    return torch.stack([torch.stack([torch.as_tensor(wl), torch.as_tensor(hl)]) for hl, wl in shapes]).to(like)
+
+
 def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
-    """Write model's forward to an ONNX file that takes pixel_values of exactly image_size = (height, width), padded
-    as preprocess_images pads. Default: the size the model's preprocessor gives a 480x640 photo (800x1066 for the
-    Hub's). The model is left as it was."""
+    """Write model's forward to an ONNX file. image_size = (height, width) of the padded pixel_values fixes the
+    graph to that size; None leaves it dynamic (traced at the size the preprocessor gives a 480x640 photo)."""
+    global level_sizes
     pre = model.preprocessor
     h, w = image_size or resized_size(480, 640, pre["shortest"], pre["longest"])
     dev = model.level_embed.device
     tok = tokenize(model.tokenizer, ["a cat. a remote control.", "a cat."])  # two lengths: padding is traced too
     pixel_values = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
     args = [pixel_values, *(tok[k].to(dev) for k in ONNX_INPUTS[1:4]), torch.ones(2, h, w, dtype=torch.long).to(dev)]
-    dynamic = {"pixel_values": {0: "batch"}, "pixel_mask": {0: "batch"},
+    size = {} if image_size else {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}}
+    dynamic = {"pixel_values": {0: "batch", **size.get("pixel_values", {})},
+               "pixel_mask": {0: "batch", **size.get("pixel_mask", {})},
                **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
-    hint = (f"Grounding DINO graphs take one image size (section 12 of gdino.py): pad to {h}x{w} with pixel_mask 0 "
-            f"on the padding, or export again with image_size=(height, width) of your pixel_values.")
-    backend, model.backend = model.backend, "torch"
+    hint = (f"Pad to {h}x{w} with pixel_mask 0 on the padding, or export again with image_size=None (any size) "
+            f"or the size of your pixel_values.")
+    level_sizes_, backend = level_sizes, model.backend
+    level_sizes, model.backend = traced_level_sizes, "torch"
     try:
         common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic,
                            {"model": getattr(model, "name", ""), "fixed": hint})
     finally:
-        model.backend = backend
+        level_sizes, model.backend = level_sizes_, backend
 
 
 GroundingDino.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section
@@ -1256,8 +1269,7 @@ def main() -> int:
     ap.add_argument("--dump", metavar="STAGES.safetensors",
                     help="save every stage's tensors (of the first chunk, for a prompt over 256 tokens)")
     ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
-    ap.add_argument("--export-onnx", metavar="FILE",
-                    help="also write the model to this ONNX file, for images of this image's size (section 12)")
+    ap.add_argument("--export-onnx", metavar="FILE", help="also write the model to this ONNX file (section 12)")
     args = ap.parse_args()
     check_threshold("--threshold", args.threshold)
     check_threshold("--text-threshold", args.text_threshold)
@@ -1285,9 +1297,8 @@ def main() -> int:
         common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
                     args.model, args.revision, pixel_values)
     if args.export_onnx:
-        size = preprocess_images([image], **model.preprocessor)[0].shape[-2:]
-        model.export_onnx(args.export_onnx, tuple(size))
-        print(f"saved {args.export_onnx} (pixel_values of {size[0]}x{size[1]})")
+        model.export_onnx(args.export_onnx)
+        print(f"saved {args.export_onnx}")
     return 0
 
 

@@ -132,12 +132,23 @@ def test_dfine_onnx_refuses_what_forward_refuses(dfine_export):
         dfine_export[0].export_onnx(DATA / "never.onnx", image_size=(100, 100))
 
 
+def test_dfine_fixed_size_graph_refuses_another_size(tmp_path):
+    model = dfine.DFine.from_pretrained(dfine_reference.checkpoint("n"))
+    model.export_onnx(tmp_path / "n.onnx", image_size=(320, 320))
+    onnx_model = common.OnnxModel(tmp_path / "n.onnx")
+    assert onnx_model.session.get_inputs()[0].shape == ["batch", 3, 320, 320]
+    onnx_model(pixel_values=torch.rand(1, 3, 320, 320))
+    with pytest.raises(InputError, match=r"takes only size 320 in dimension 2.*Resize to 320x320"):
+        onnx_model(pixel_values=torch.rand(1, 3, 640, 320))
+
+
 # -----------------------------------------------------------------------------
-# Grounding DINO and MM Grounding DINO: dynamic batch and prompt length, fixed image size
+# Grounding DINO and MM Grounding DINO: dynamic batch and prompt length; image size dynamic or fixed on request
 
 
-@pytest.fixture(scope="module", params=["gdino-small", "mm-small"])
+@pytest.fixture(scope="module", params=["gdino-small", "mm-small-fixed-size"])
 def gdino_export(request, tmp_path_factory):
+    fixed = request.param.endswith("fixed-size")
     if request.param == "gdino-small":
         folder = R.checkpoint("gdino-small", R.small_config(), temper=True, size=SMALL_SIZE)
     else:
@@ -145,33 +156,36 @@ def gdino_export(request, tmp_path_factory):
     model = gdino.GroundingDino.from_pretrained(folder)
     model.preprocessor = {**model.preprocessor, "shortest": 320, "longest": 533}  # small images: fast
     prompts = ["a cat. a remote control.", "a cat.", "a cup. a saucer. a spoon. a table."]
-    pv, pm, sizes = gdino.preprocess_images([DATA / p for p in PHOTOS], **model.preprocessor)  # padded to one size
+    pv, pm, sizes = gdino.preprocess_images([DATA / p for p in PHOTOS], **model.preprocessor)  # padded: 320x481
+    # then one image alone: chelsea is 320x481 unpadded (the fixed graph's size), the cats 320x426 (another size)
+    pv1, pm1, sizes1 = gdino.preprocess_images([DATA / PHOTOS[1 if fixed else 0]], **model.preprocessor)
     batches = [{"pixel_values": pv, **gdino.tokenize(model.tokenizer, prompts), "pixel_mask": pm},
-               {"pixel_values": pv[1:2], **gdino.tokenize(model.tokenizer, ["a small grey cat. a brown sofa."]),
-                "pixel_mask": pm[1:2]}]  # chelsea alone is 320x481 unpadded, the batch's padded size
+               {"pixel_values": pv1, **gdino.tokenize(model.tokenizer, ["a small grey cat. a brown sofa."]),
+                "pixel_mask": pm1}]
     assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
     with torch.no_grad():
         before = [model(*[b[k] for k in gdino.ONNX_INPUTS]) for b in batches]
     path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
-    model.export_onnx(path, tuple(pv.shape[-2:]))
+    model.export_onnx(path, tuple(pv.shape[-2:]) if fixed else None)
     with torch.no_grad():
         after = [model(*[b[k] for k in gdino.ONNX_INPUTS]) for b in batches]
-    return model, batches, [sizes, sizes[1:2]], before, after, common.OnnxModel(path)
+    return model, batches, [sizes, sizes1], before, after, common.OnnxModel(path), fixed
 
 
 def test_gdino_forward_unchanged_after_export(gdino_export):
-    model, _, _, before, after, _ = gdino_export
-    assert model.backend == "auto"
+    model, _, _, before, after, *_ = gdino_export
+    assert model.backend == "auto" and gdino.level_sizes is not gdino.traced_level_sizes
     for b, a in zip(before, after):
         assert torch.equal(b.logits, a.logits) and torch.equal(b.pred_boxes, a.pred_boxes)
 
 
 def test_gdino_onnx_matches_forward(gdino_export):
-    model, batches, sizes, before, _, onnx_model = gdino_export
-    for batch, size, ref in zip(batches, sizes, before):  # two batch sizes, two prompt lengths
+    model, batches, sizes, before, _, onnx_model, _ = gdino_export
+    for batch, size, ref in zip(batches, sizes, before):  # two batch sizes, two prompt lengths (two image sizes)
         out = onnx_model(**batch)
         worst, moved = match_queries(ref.logits, ref.pred_boxes, out["logits"], out["pred_boxes"])
-        print(f"{tuple(batch['input_ids'].shape)}: max diff {worst:.2g}, {moved} queries reordered")
+        print(f"{tuple(batch['pixel_values'].shape)} {tuple(batch['input_ids'].shape)}: max diff {worst:.2g}, "
+              f"{moved} queries reordered")
         assert worst <= ATOL
         t = gap_threshold(torch.sigmoid(ref.logits).amax(-1))
         ours = gdino.post_process(out["logits"], out["pred_boxes"], batch["input_ids"], model.tokenizer, t, 0.25, size)
@@ -179,11 +193,15 @@ def test_gdino_onnx_matches_forward(gdino_export):
         assert assert_same_detections(ours, theirs, "labels") >= 5
 
 
-def test_gdino_onnx_refuses_another_image_size(gdino_export):
-    model, batches, *_, onnx_model = gdino_export
-    pv, pm, _ = gdino.preprocess_images([DATA / PHOTOS[0]], **model.preprocessor)  # 320x426, not the graph's 320x481
-    with pytest.raises(InputError, match=r"takes only size 481 in dimension 3.*export again with image_size"):
-        onnx_model(**{**batches[1], "pixel_values": pv, "pixel_mask": pm})
+def test_gdino_onnx_refuses_bad_inputs(gdino_export):
+    model, batches, *_, onnx_model, fixed = gdino_export
+    pv, pm, _ = gdino.preprocess_images([DATA / PHOTOS[0]], **model.preprocessor)  # 320x426
+    if fixed:  # not the graph's 320x481
+        with pytest.raises(InputError, match=r"takes only size 481 in dimension 3.*export again with image_size"):
+            onnx_model(**{**batches[1], "pixel_values": pv, "pixel_mask": pm})
+    else:
+        with pytest.raises(InputError, match="width 481 where another input has 426"):
+            onnx_model(**{**batches[1], "pixel_values": pv, "pixel_mask": batches[0]["pixel_mask"][:1]})
     with pytest.raises(InputError, match="tokens"):
         onnx_model(**{**batches[1], "attention_mask": batches[0]["attention_mask"][:1, :3]})
 
