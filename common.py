@@ -409,15 +409,20 @@ def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str
     path = Path(path)
     if not path.resolve().parent.is_dir():
         raise InputError(f"cannot write {path}: folder {path.resolve().parent} does not exist")
+    modes = {m: m.training for m in module.modules()}  # eval for the trace, then each module as it was
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about every Python check on a traced size (they run once, at trace time) and about
         # the TorchScript exporter's deprecation; neither says anything about this graph
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding")  # a Slice with steps != 1 is left unfolded
-        torch.onnx.export(module.eval(), tuple(args), str(path), input_names=list(input_names),
-                          output_names=["logits", "pred_boxes"], dynamic_axes=dynamic_axes,
-                          opset_version=ONNX_OPSET, dynamo=False)
+        try:
+            torch.onnx.export(module.eval(), tuple(args), str(path), input_names=list(input_names),
+                              output_names=["logits", "pred_boxes"], dynamic_axes=dynamic_axes,
+                              opset_version=ONNX_OPSET, dynamo=False)
+        finally:
+            for m, training in modes.items():
+                m.train(training)
     proto = onnx.load(str(path))
     for k, v in metadata.items():
         proto.metadata_props.add(key=k, value=str(v))
@@ -458,6 +463,9 @@ class OnnxModel:
                                      f"{self.metadata.get('fixed', '')}".strip())
                 if want in ("height", "width") and got % self.multiple:
                     raise InputError(f"{name} {want} must be a multiple of {self.multiple}, got {x.shape}")
+                if want == "tokens" and got > int(self.metadata.get("max_tokens", got)):
+                    raise InputError(f"{name} has {got} tokens; the graph reads at most {self.metadata['max_tokens']} "
+                                     f"(split long label lists with gdino.chunk_prompt)")
                 if isinstance(want, str) and sizes.setdefault(want, got) != got:
                     raise InputError(f"{name} has {want} {got} where another input has {sizes[want]}")
             feed[name] = x

@@ -1244,7 +1244,7 @@ def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, i
     level_sizes, model.backend = traced_level_sizes, "torch"
     try:
         common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic,
-                           {"model": getattr(model, "name", ""), "fixed": hint})
+                           {"model": getattr(model, "name", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len})
     finally:
         level_sizes, model.backend = level_sizes_, backend
 

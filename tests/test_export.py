@@ -134,10 +134,18 @@ def test_dfine_onnx_refuses_what_forward_refuses(dfine_export):
 
 def test_dfine_fixed_size_graph_refuses_another_size(tmp_path):
     model = dfine.DFine.from_pretrained(dfine_reference.checkpoint("n"))
+    model.train()
+    model.backbone.eval()  # a mix of modes, as a fine-tuning run may leave: traced in eval, then left as it was
     model.export_onnx(tmp_path / "n.onnx", image_size=(320, 320))
+    assert model.training and model.encoder.training and not model.backbone.training
+    model.eval()
     onnx_model = common.OnnxModel(tmp_path / "n.onnx")
     assert onnx_model.session.get_inputs()[0].shape == ["batch", 3, 320, 320]
-    onnx_model(pixel_values=torch.rand(1, 3, 320, 320))
+    x = torch.rand(1, 3, 320, 320)
+    with torch.no_grad():
+        ref = model(x)
+    out = onnx_model(pixel_values=x)
+    assert match_queries(ref.logits, ref.pred_boxes, out["logits"], out["pred_boxes"])[0] <= ATOL  # traced in eval
     with pytest.raises(InputError, match=r"takes only size 320 in dimension 2.*Resize to 320x320"):
         onnx_model(pixel_values=torch.rand(1, 3, 640, 320))
 
@@ -204,6 +212,9 @@ def test_gdino_onnx_refuses_bad_inputs(gdino_export):
             onnx_model(**{**batches[1], "pixel_values": pv, "pixel_mask": batches[0]["pixel_mask"][:1]})
     with pytest.raises(InputError, match="tokens"):
         onnx_model(**{**batches[1], "attention_mask": batches[0]["attention_mask"][:1, :3]})
+    long = {k: torch.ones(1, 257, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with pytest.raises(InputError, match="257 tokens; the graph reads at most 256"):
+        onnx_model(**{**batches[1], **long})
 
 
 def test_dfine_command_line_exports(tmp_path, capsys):
