@@ -7,6 +7,7 @@
 5. drawing: detections over the image, saved as PNG (matplotlib)
 6. stage dumps: save named tensors with metadata; `python common.py compare A B`
 7. training: labels checked, the Hungarian matcher (scipy), focal class cost, box IoU/GIoU, L1 and GIoU losses
+8. ONNX: export a forward (logits, pred_boxes) with named inputs; run the file in onnxruntime, inputs checked
 
 Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
 """
@@ -519,6 +520,94 @@ def box_losses(src_boxes: torch.Tensor, target_boxes: torch.Tensor, num_boxes: f
     loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none").sum() / num_boxes
     giou = torch.diag(generalized_box_iou(center_to_corners(src_boxes), center_to_corners(target_boxes)))  # (K,)
     return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+
+
+# -----------------------------------------------------------------------------
+# 8. ONNX: export (TorchScript exporter, opset 17) and a small onnxruntime runner that checks its inputs
+#
+# The TorchScript exporter traces one forward: sizes taken from input shapes stay symbolic where they feed tensor
+# ops, so dimensions declared dynamic stay dynamic; a `torch.tensor([...])` built from sizes becomes a constant (the
+# files' export sections say how they avoid that). The dynamo exporter exports D-FINE too but takes ten times
+# longer. The graph's dimension names are the runner's contract: "batch", "height", "width", "tokens"; numbers are
+# fixed sizes.
+
+ONNX_OPSET = 17
+
+
+def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str | Path, input_names: Sequence[str],
+                dynamic_axes: dict, metadata: dict[str, str]) -> None:
+    """Trace module(*args) -> (logits, pred_boxes) into an ONNX file, with metadata (read back by OnnxModel)."""
+    import warnings
+
+    try:
+        import onnx
+    except ImportError:
+        raise InputError("ONNX export needs the onnx package: pip install onnx onnxruntime") from None
+    path = Path(path)
+    if not path.resolve().parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {path.resolve().parent} does not exist")
+    modes = {m: m.training for m in module.modules()}  # eval for the trace, then each module as it was
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer warns about every Python check on a traced size (they run once, at trace time) and about
+        # the TorchScript exporter's deprecation; neither says anything about this graph
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")  # a Slice with steps != 1 is left unfolded
+        try:
+            torch.onnx.export(module.eval(), tuple(args), str(path), input_names=list(input_names),
+                              output_names=["logits", "pred_boxes"], dynamic_axes=dynamic_axes,
+                              opset_version=ONNX_OPSET, dynamo=False)
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+    proto = onnx.load(str(path))
+    for k, v in metadata.items():
+        proto.metadata_props.add(key=k, value=str(v))
+    onnx.save(proto, str(path))
+
+
+class OnnxModel:
+    """An exported file in onnxruntime (CPU). Calling it with the forward's inputs (tensors or arrays) checks them
+    against the graph (names, ranks, dtypes, fixed sizes, multiples) and returns {"logits", "pred_boxes"} as
+    tensors, ready for the files' post-processing; a wrong input gets an InputError, not an onnxruntime crash."""
+
+    DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise InputError(f"no ONNX file {path}")
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.multiple = int(self.metadata.get("size_multiple", 1))
+
+    def __call__(self, **inputs) -> dict[str, torch.Tensor]:
+        if set(inputs) != set(self.inputs):
+            raise InputError(f"the graph takes {list(self.inputs)}; got {list(inputs)}")
+        feed, sizes = {}, {}
+        for name, x in inputs.items():
+            x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            spec = self.inputs[name]
+            if x.ndim != len(spec.shape) or x.dtype != self.DTYPES[spec.type]:
+                raise InputError(f"{name} must be {len(spec.shape)}-D {np.dtype(self.DTYPES[spec.type])}, got "
+                                 f"{x.shape} {x.dtype}")
+            for axis, (want, got) in enumerate(zip(spec.shape, x.shape)):
+                if isinstance(want, int) and want != got:
+                    raise InputError(f"this graph was exported with {name} of shape {spec.shape} and takes only "
+                                     f"size {want} in dimension {axis}; got {x.shape}. "
+                                     f"{self.metadata.get('fixed', '')}".strip())
+                if want in ("height", "width") and got % self.multiple:
+                    raise InputError(f"{name} {want} must be a multiple of {self.multiple}, got {x.shape}")
+                if want == "tokens" and got > int(self.metadata.get("max_tokens", got)):
+                    raise InputError(f"{name} has {got} tokens; the graph reads at most {self.metadata['max_tokens']} "
+                                     f"(split long label lists with gdino.chunk_prompt)")
+                if isinstance(want, str) and sizes.setdefault(want, got) != got:
+                    raise InputError(f"{name} has {want} {got} where another input has {sizes[want]}")
+            feed[name] = x
+        outs = self.session.run(None, feed)
+        return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outs)}
 
 
 def _main() -> int:

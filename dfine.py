@@ -20,7 +20,8 @@ Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers
   9. training          denoising queries, Hungarian matching, VFL, L1, GIoU, FGL, DDF; initial weights
  10. the key map       Hub key names (4.x and 5.x) -> this file's module names
  11. fast inference    an option: batch norms folded into the convs, not bit-exact (off by default)
- 12. command line
+ 12. ONNX export       model.export_onnx(path): dynamic batch and size (multiples of 32), readable attention
+ 13. command line
 
 Shapes: B batch, C channels, H W map size, S tokens of all levels, Q queries (300), L levels, P points (all levels),
 nH heads, hD head dim, d model width, K classes, N bins (max_num_bins = 32, so N + 1 = 33 bin edges).
@@ -535,8 +536,7 @@ def make_anchors(spatial_shapes: list[tuple[int, int]], dtype=torch.float32, dev
     for lvl, (h, w) in enumerate(spatial_shapes):
         gy, gx = torch.meshgrid(torch.arange(h, device=device).to(dtype), torch.arange(w, device=device).to(dtype),
                                 indexing="ij")  # (H, W) each
-        xy = torch.stack([gx, gy], dim=-1) + 0.5  # (H, W, 2): +0.5 before dividing, as upstream (same rounding)
-        xy = xy / torch.tensor([w, h], dtype=dtype, device=device)
+        xy = torch.stack([(gx + 0.5) / w, (gy + 0.5) / h], dim=-1)  # (H, W, 2): +0.5 before dividing, as upstream
         wh = torch.ones_like(xy) * 0.05 * (2.0 ** lvl)
         anchors.append(torch.cat([xy, wh], dim=-1).reshape(1, h * w, 4))  # (1, H*W, 4) cxcywh
     anchors = torch.cat(anchors, dim=1)  # (1, S, 4)
@@ -1172,7 +1172,54 @@ def fast_inference(model: DFine) -> DFine:
 
 
 # -----------------------------------------------------------------------------
-# 12. Command line
+# 12. ONNX export: the forward as a graph (pixel_values -> logits, pred_boxes), post-processing left outside
+#
+# Batch, height and width stay dynamic (multiples of 32, as forward requires) unless export_onnx is given image_size:
+# anchors and AIFI's position embedding are computed in the graph from the input size. The graph gets the readable
+# deformable attention whatever the model's backend. common.OnnxModel runs the file and checks its inputs.
+
+
+class ExportedForward(nn.Module):
+    """What the graph computes: forward's two tensors, with the readable deformable attention."""
+
+    def __init__(self, model: DFine):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        out = self.model(pixel_values)
+        return out.logits, out.pred_boxes
+
+
+def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
+    """Write model's forward to an ONNX file. image_size = (height, width), multiples of 32, fixes the graph to that
+    size (for runtimes that want static shapes); None leaves it dynamic (traced at 320x320).
+
+    The per-size cache (`once`) is bypassed while tracing: the anchors and position embeddings must be computed in
+    the graph from its input, and the cache must not keep the tracer's tensors (the model would then compute other
+    numbers). The model is left computing exactly what it computed before."""
+    global once
+    h, w = image_size or (320, 320)
+    if h % 32 or w % 32:
+        raise InputError(f"image_size must be multiples of 32, got {image_size}")
+    weight = model.enc_score_head.weight
+    example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    dynamic = {"pixel_values": {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"}}
+    hint = f"Resize to {h}x{w}, or export again with image_size=None (any multiple of 32)."
+    cached, backend = once, model.backend
+    once, model.backend = (lambda fn, *args: fn(*args)), "torch"
+    try:
+        common.export_onnx(ExportedForward(model), [example], path, ["pixel_values"], dynamic,
+                           {"model": getattr(model, "name_or_path", ""), "size_multiple": 32, "fixed": hint})
+    finally:
+        once, model.backend = cached, backend
+
+
+DFine.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section
+
+
+# -----------------------------------------------------------------------------
+# 13. Command line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1189,9 +1236,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", help="draw the detections of the first image into this PNG")
     ap.add_argument("--json", action="store_true", help="print JSON instead of one line per detection")
     ap.add_argument("--dump", help="save every stage's tensors (first image) to this .safetensors file")
+    ap.add_argument("--export-onnx", metavar="FILE", help="also write the model to this ONNX file (section 12)")
     args = ap.parse_args(argv)
     common.check_threshold("--threshold", args.threshold)
-    for out in (args.save, args.dump):
+    for out in (args.save, args.dump, args.export_onnx):
         if out and not Path(out).resolve().parent.is_dir():
             raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
     images = [common.load_image(p) for p in args.images]
@@ -1220,6 +1268,9 @@ def main(argv: list[str] | None = None) -> int:
             stages = model(pixels, return_stages=True).stages
         common.save_stages(args.dump, stages, args.model, args.revision, pixels)
         print(f"saved {args.dump}", file=sys.stderr)
+    if args.export_onnx:
+        model.export_onnx(args.export_onnx)
+        print(f"saved {args.export_onnx}", file=sys.stderr)
     return 0
 
 

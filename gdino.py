@@ -30,7 +30,8 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
  11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, chunking of long prompts
  12. training           label maps from the prompt, Hungarian matching, focal/L1/GIoU set loss; init from scratch
- 13. command line
+ 13. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
+ 14. command line
 
 Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
 level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
@@ -307,15 +308,14 @@ def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[to
     delimiter see only themselves, at position 0 (transformers' vectorised generate_masks_with_special_tokens...).
     """
     B, T = input_ids.shape
-    delim = torch.isin(input_ids, torch.tensor(delimiters, device=input_ids.device))  # (B, T)
+    delim = (input_ids[..., None] == torch.tensor(delimiters, device=input_ids.device)).any(-1)  # (B, T)
     idx = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
-    prev = torch.cummax(torch.where(delim, idx, torch.full((), -1, device=idx.device)), dim=1)[0]
-    prev = torch.cat([prev.new_full((B, 1), -1), prev[:, :-1]], dim=1)  # (B, T): last delimiter strictly before
-    nxt = torch.where(delim, idx, torch.tensor(T, device=idx.device))
-    nxt = torch.flip(torch.cummin(torch.flip(nxt, dims=[1]), dim=1)[0], dims=[1])  # (B, T): first delimiter at/after
+    before = idx.unsqueeze(1) < idx.unsqueeze(2)  # (B, T, T): [b, t, s] is True where token s comes before t
+    prev = torch.where(delim.unsqueeze(1) & before, idx.unsqueeze(1), -1).amax(-1)  # (B, T): last delimiter before
+    nxt = torch.where(delim.unsqueeze(1) & ~before, idx.unsqueeze(1), T).amin(-1)  # (B, T): first delimiter at/after
     valid = (nxt != 0) & (nxt != T - 1) & (nxt != T)  # phrases closed by [CLS], the final [SEP] or nothing don't count
     mask = (nxt.unsqueeze(2) == nxt.unsqueeze(1)) & valid.unsqueeze(1)  # (B, T, T)
-    mask = torch.eye(T, device=idx.device, dtype=torch.bool).unsqueeze(0).expand(B, -1, -1) | mask  # (B, T, T)
+    mask = (idx.unsqueeze(2) == idx.unsqueeze(1)) | mask  # (B, T, T): every token sees itself
     position_ids = torch.where(valid, idx - prev - 1, torch.zeros_like(idx)).clamp(min=0).long()
     return mask, position_ids
 
@@ -643,6 +643,11 @@ class TextEnhancerLayer(nn.Module):
         return self.layer_norm_after(F.dropout(self.fc2(h), self.p, self.training) + T)
 
 
+def level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
+    """(L, 2): each level's (width, height), in like's dtype and device (the encoder's offsets are in its pixels)."""
+    return torch.tensor([[wl, hl] for hl, wl in shapes], dtype=like.dtype, device=like.device)
+
+
 class DeformableAttention(nn.Module):
     """Multi-scale deformable attention (Deformable DETR eq. 3): each query samples P points per level around its
     reference; the sampling itself is common.ms_deform_attn."""
@@ -666,7 +671,7 @@ class DeformableAttention(nn.Module):
         off = self.sampling_offsets(query).view(B, Q, nH, L, P, 2)  # (B, Q, nH, L, P, 2)
         w = self.attention_weights(query).view(B, Q, nH, L * P).softmax(-1)  # (B, Q, nH, L*P): over levels and points
         if ref.shape[-1] == 2:  # encoder: a point per level, offsets in pixels of that level
-            norm = torch.tensor([[wl, hl] for hl, wl in shapes], dtype=query.dtype, device=query.device)  # (L, 2)
+            norm = level_sizes(shapes, query)  # (L, 2)
             loc = ref[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
         else:  # decoder: a box per level, offsets scaled by half its size over P
             loc = ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
@@ -1505,7 +1510,64 @@ def class_prior(model: GroundingDino, prior: float = 0.01) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 13. Command line
+# 13. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
+#
+# Batch, prompt length (up to max_text_len) and image size stay dynamic, unless export_onnx is given image_size,
+# which fixes height and width (for runtimes that want static shapes; common.OnnxModel then refuses other sizes).
+# The exporter traces one forward, in which the map sizes are traced values: level_sizes would turn them into a
+# constant `torch.tensor`, so while tracing it is replaced by traced_level_sizes, which stacks them (same values).
+# The graph gets the readable deformable attention whatever the model's backend. Tokens as `tokenize` makes them.
+
+ONNX_INPUTS = ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "pixel_mask"]
+
+
+class ExportedForward(nn.Module):
+    """What the graph computes: forward's two tensors, with the readable deformable attention."""
+
+    def __init__(self, model: GroundingDino):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask):
+        out = self.model(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask)
+        return out.logits, out.pred_boxes
+
+
+def traced_level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
+    """level_sizes from sizes that are 0-d tensors while tracing, kept in the graph."""
+    return torch.stack([torch.stack([torch.as_tensor(wl), torch.as_tensor(hl)]) for hl, wl in shapes]).to(like)
+
+
+def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
+    """Write model's forward to an ONNX file. image_size = (height, width) of the padded pixel_values fixes the
+    graph to that size; None leaves it dynamic (traced at the size the preprocessor gives a 480x640 photo)."""
+    global level_sizes
+    pre = model.preprocessor
+    h, w = image_size or resized_size(480, 640, pre["shortest"], pre["longest"])
+    dev = model.level_embed.device
+    tok = tokenize(model.tokenizer, ["a cat. a remote control.", "a cat."])  # two lengths: padding is traced too
+    pixel_values = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
+    args = [pixel_values, *(tok[k].to(dev) for k in ONNX_INPUTS[1:4]), torch.ones(2, h, w, dtype=torch.long).to(dev)]
+    size = {} if image_size else {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}}
+    dynamic = {"pixel_values": {0: "batch", **size.get("pixel_values", {})},
+               "pixel_mask": {0: "batch", **size.get("pixel_mask", {})},
+               **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
+    hint = (f"Pad to {h}x{w} with pixel_mask 0 on the padding, or export again with image_size=None (any size) "
+            f"or the size of your pixel_values.")
+    level_sizes_, backend = level_sizes, model.backend
+    level_sizes, model.backend = traced_level_sizes, "torch"
+    try:
+        common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic,
+                           {"model": getattr(model, "name", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len})
+    finally:
+        level_sizes, model.backend = level_sizes_, backend
+
+
+GroundingDino.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section
+
+
+# -----------------------------------------------------------------------------
+# 14. Command line
 
 
 def main() -> int:
@@ -1526,6 +1588,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     ap.add_argument("--nms", type=float, metavar="IOU", help="drop a box overlapping a better one of its label")
     ap.add_argument("--top-k", type=int, help="keep the k best detections")
+    ap.add_argument("--export-onnx", metavar="FILE", help="also write the model to this ONNX file (section 13)")
     args = ap.parse_args()
     check_threshold("--threshold", args.threshold)
     check_threshold("--text-threshold", args.text_threshold)
@@ -1554,6 +1617,9 @@ def main() -> int:
                         return_stages=True, backbone_maps=enc.maps)
         common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
                     args.model, args.revision, pixel_values)
+    if args.export_onnx:
+        model.export_onnx(args.export_onnx)
+        print(f"saved {args.export_onnx}")
     return 0
 
 
