@@ -188,49 +188,112 @@ def cpu_forward(value, levels, loc, attn, out):
                         dst[j] = (dst[j] if keep else z) + ((o[j] if add else z) + x)
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True)
+def run_sum(x, start, stop, step):
+    """torch's sum down one column (multi_row_sum) of x[start:stop:step]: blocks of 16 numbers, each added up in
+    order, the blocks' sums added up in order, then the rest's sum plus theirs (from 256 numbers torch nests deeper)."""
+    t = x.dtype.type
+    blocks, rest, i = t(0), t(0), start
+    while i + 15 * step < stop:
+        block = t(0)
+        for k in range(16):
+            block += x[i + k * step]
+        blocks, i = blocks + block, i + 16 * step
+    for k in range(i, stop, step):
+        rest += x[k]
+    return rest + blocks
+
+
+@njit(cache=True)
+def column_sum(x, how, plan):
+    """torch's sum of x, one attention weight's products over channels, in the order `how` names (banner above)."""
+    if how == 0:
+        return run_sum(x, 0, len(x), 1)
+    if how == 1:  # row_sum: four sums take turns, the tail joins sum 0
+        m = len(x) // 4 * 4
+        s0 = run_sum(x, 0, m, 4)
+        for k in range(m, len(x)):
+            s0 += x[k]
+        return ((s0 + run_sum(x, 1, m, 4)) + run_sum(x, 2, m, 4)) + run_sum(x, 3, m, 4)
+    t, z = x.dtype.type, x.dtype.type(-0.0)
+    s, r, acc = z, z, z  # a contiguous sum, the forward's (sum_plan)
+    for p, into, keep, add in plan:
+        xp = x[p] if p < len(x) else t(0)
+        if into == 0:
+            s = (s if keep else z) + ((r if add else z) + xp)
+        elif into == 1:
+            r = (r if keep else z) + ((s if add else z) + xp)
+        else:
+            acc = (acc if keep else z) + ((r if add else z) + xp)
+    return acc
+
+
+@njit(parallel=True, cache=True)
 def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn):
     """Gradients of cpu_forward into grad_value (zeroed by the caller), grad_loc and grad_attn (written whole).
 
     One thread per (b, h): it alone writes grad_value[b, :, h, :], so every sum runs in one fixed order and the
     result is the same bit for bit whatever the number of threads (atomics would make it vary run to run). The price
-    is B*nH-way parallelism, plenty for 2 to 8 cores. fastmath "reassoc" lets LLVM vectorise the dot products over
-    channels by reordering their sums: faster, and float32 gradients as close to the readable version's as before."""
+    is B*nH-way parallelism, plenty for 2 to 8 cores. Per level, steps of up to `lanes` points in grid_sample's
+    order; rounding and order as torch's (banner above): float32 equals the readable version bit for bit."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type
-    point_level = levels[np.repeat(np.arange(len(levels)), levels[:, 3])]  # (P, 4): each point's row of levels
+    lanes = SUM_VECTOR_BYTES // value.itemsize
+    copied = B > 1 and nH > 1 and Q > 1  # the readable version's reshapes copy: its grid and gradient contiguous
+    columns = Q * P if copied else P  # columns of its sum over channels; attention weight (q, p) is one of them
+    block = 4 * lanes if columns >= lanes else 4  # columns that multi_row_sum takes at once
+    plan = sum_plan(hD, lanes)
     for bh in prange(B * nH):
         b, h = bh // nH, bh % nH
-        for q in range(Q):
-            g = grad_out[b, q, h * hD:(h + 1) * hD]  # (hD,) gradient of this head's output channels
-            for p in range(P):
-                H, W, start = point_level[p, 0], point_level[p, 1], point_level[p, 2]
-                ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
-                ga, gx, gy = t(0), t(0), t(0)  # d out / d attn, d ix, d iy, each dotted with g
-                if -1 <= ix < W and -1 <= iy < H:
-                    x0, y0 = int(np.floor(ix)), int(np.floor(iy))  # exact: ix is in [-1, W)
-                    fx, fy = ix - t(x0), iy - t(y0)
-                    a = attn[b, q, h, p]
-                    for corner in range(4):  # nw, ne, sw, se
-                        dy, dx = corner // 2, corner % 2
-                        xx, yy = x0 + dx, y0 + dy
-                        if 0 <= xx < W and 0 <= yy < H:
-                            wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
-                            tok = start + yy * W + xx
-                            row, grad_row = value[b, tok, h], grad_value[b, tok, h]  # (hD,) each
-                            dot = t(0)  # g . value at this neighbour
-                            for j in range(hD):
-                                dot += g[j] * row[j]
-                            aw = a * (wy * wx)
-                            for j in range(hD):
-                                grad_row[j] += g[j] * aw
-                            ga += wy * wx * dot
-                            # d wx / d ix is +1 for the east neighbours, -1 for the west; likewise for y
-                            gx = gx + wy * dot if dx else gx - wy * dot
-                            gy = gy + wx * dot if dy else gy - wx * dot
-                    gx, gy = gx * a * t(W), gy * a * t(H)  # d ix / d x = W: the map is W pixels wide
-                grad_attn[b, q, h, p], grad_loc[b, q, h, p, 0], grad_loc[b, q, h, p, 1] = ga, gx, gy
+        tokens, inside = np.zeros((lanes, 4), np.int64), np.zeros((lanes, 4), value.dtype)  # nw, ne, sw, se
+        weights, g_sample = np.zeros((lanes, 4), value.dtype), np.zeros((lanes, hD), value.dtype)
+        fx, fy, products = np.zeros(lanes, value.dtype), np.zeros(lanes, value.dtype), np.zeros(hD, value.dtype)
+        first = 0  # the level's first point
+        for lvl in range(len(levels)):
+            H, W, start, n_points = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2], levels[lvl, 3]
+            row = Q * n_points if Q == 1 or (n_points == P and (copied or nH == 1)) else n_points  # grid contiguous?
+            for r0 in range(0, Q * n_points, max(row, 1)):
+                for f0 in range(r0, r0 + row, lanes):  # one step: points f0 .. f0 + n - 1 of the level's grid
+                    n = min(lanes, r0 + row - f0)
+                    for i in range(n):
+                        q, p = (f0 + i) // n_points, first + (f0 + i) % n_points
+                        ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
+                        x0, y0 = np.floor(ix), np.floor(iy)
+                        fx[i], fy[i] = ix - x0, iy - y0
+                        w = weights[i]  # (4,) view: nw, ne, sw, se
+                        w[0], w[1] = (t(1) - fy[i]) * (t(1) - fx[i]), (t(1) - fy[i]) * fx[i]
+                        w[2], w[3] = fy[i] * (t(1) - fx[i]), fy[i] * fx[i]
+                        for corner in range(4):  # a neighbour outside reads as 0 (times a row inside)
+                            xx, yy = x0 + corner % 2, y0 + corner // 2
+                            ok = 0 <= xx < W and 0 <= yy < H
+                            inside[i, corner], tokens[i, corner] = t(ok), start + int(yy) * W + int(xx) if ok else start
+                        a, g = attn[b, q, h, p], grad_out[b, q, h * hD:(h + 1) * hD]
+                        for j in range(hD):
+                            g_sample[i, j] = g[j] * a  # d loss / d sample
+                    for corner in range(4):  # grid_sample adds into value corner by corner, each over the step
+                        for i in range(n):
+                            if inside[i, corner]:
+                                w, gs, grad_row = weights[i, corner], g_sample[i], grad_value[b, tokens[i, corner], h]
+                                for j in range(hD):
+                                    grad_row[j] += w * gs[j]
+                    for i in range(n):
+                        q, p = (f0 + i) // n_points, first + (f0 + i) % n_points
+                        nw, ne, sw, se = value[b, tokens[i, 0], h], value[b, tokens[i, 1], h], \
+                            value[b, tokens[i, 2], h], value[b, tokens[i, 3], h]  # (hD,) each
+                        m, w, g = inside[i], weights[i], grad_out[b, q, h * hD:(h + 1) * hD]
+                        gx, gy = t(0), t(0)
+                        for j in range(hD):
+                            v0, v1, v2, v3 = nw[j] * m[0], ne[j] * m[1], sw[j] * m[2], se[j] * m[3]
+                            gs = g_sample[i, j]
+                            gx = fma(fma(v3 - v2, fy[i], (v1 - v0) * (t(1) - fy[i])), gs, gx)
+                            gy = fma(fma(v3 - v1, fx[i], (v2 - v0) * (t(1) - fx[i])), gs, gy)
+                            products[j] = g[j] * fma(v3, w[3], fma(v2, w[2], fma(v1, w[1], v0 * w[0])))
+                        col = q * P + p if copied else p
+                        how = (2 if hD >= lanes else 1) if columns == 1 else int(col >= columns // block * block)
+                        grad_attn[b, q, h, p] = column_sum(products, how, plan)
+                        grad_loc[b, q, h, p, 0], grad_loc[b, q, h, p, 1] = gx * t(W / 2) * t(2), gy * t(H / 2) * t(2)
+            first += n_points
 
 
 # -----------------------------------------------------------------------------
