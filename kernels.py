@@ -248,7 +248,9 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
         b, h = bh // nH, bh % nH
         tokens, inside = np.zeros((lanes, 4), np.int64), np.zeros((lanes, 4), value.dtype)  # nw, ne, sw, se
         weights, g_sample = np.zeros((lanes, 4), value.dtype), np.zeros((lanes, hD), value.dtype)
-        fx, fy, products = np.zeros(lanes, value.dtype), np.zeros(lanes, value.dtype), np.zeros(hD, value.dtype)
+        fx, fy = np.zeros(lanes, value.dtype), np.zeros(lanes, value.dtype)
+        v, rows = np.zeros((4, hD), value.dtype), np.zeros((3, hD), value.dtype)  # the 4 neighbours' rows; scratch
+        products, d_ix, d_iy = rows[0], rows[1], rows[2]
         first = 0  # the level's first point
         for lvl in range(len(levels)):
             H, W, start, n_points = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2], levels[lvl, 3]
@@ -279,16 +281,19 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
                                     grad_row[j] += w * gs[j]
                     for i in range(n):
                         q, p = (f0 + i) // n_points, first + (f0 + i) % n_points
-                        nw, ne, sw, se = value[b, tokens[i, 0], h], value[b, tokens[i, 1], h], \
-                            value[b, tokens[i, 2], h], value[b, tokens[i, 3], h]  # (hD,) each
-                        m, w, g = inside[i], weights[i], grad_out[b, q, h * hD:(h + 1) * hD]
+                        w, g, gs = weights[i], grad_out[b, q, h * hD:(h + 1) * hD], g_sample[i]
+                        for corner in range(4):  # grid_sample reads a neighbour outside as 0
+                            ok, tok = inside[i, corner], tokens[i, corner]
+                            for j in range(hD):
+                                v[corner, j] = value[b, tok, h, j] if ok else t(0)
+                        for j in range(hD):  # vectorised: no sums across channels here
+                            nw, ne, sw, se = v[0, j], v[1, j], v[2, j], v[3, j]
+                            d_ix[j] = fma(se - sw, fy[i], (ne - nw) * (t(1) - fy[i]))  # d sample / d ix, over gs
+                            d_iy[j] = fma(se - ne, fx[i], (sw - nw) * (t(1) - fx[i]))
+                            products[j] = g[j] * fma(se, w[3], fma(sw, w[2], fma(ne, w[1], nw * w[0])))
                         gx, gy = t(0), t(0)
                         for j in range(hD):
-                            v0, v1, v2, v3 = nw[j] * m[0], ne[j] * m[1], sw[j] * m[2], se[j] * m[3]
-                            gs = g_sample[i, j]
-                            gx = fma(fma(v3 - v2, fy[i], (v1 - v0) * (t(1) - fy[i])), gs, gx)
-                            gy = fma(fma(v3 - v1, fx[i], (v2 - v0) * (t(1) - fx[i])), gs, gy)
-                            products[j] = g[j] * fma(v3, w[3], fma(v2, w[2], fma(v1, w[1], v0 * w[0])))
+                            gx, gy = fma(d_ix[j], gs[j], gx), fma(d_iy[j], gs[j], gy)
                         col = q * P + p if copied else p
                         how = (2 if hD >= lanes else 1) if columns == 1 else int(col >= columns // block * block)
                         grad_attn[b, q, h, p] = column_sum(products, how, plan)
