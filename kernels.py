@@ -20,6 +20,7 @@ sampling_locations (B, Q, nH, P, 2) with x, y in [0, 1] (outside allowed), point
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -422,6 +423,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, levels):
         # no copies for the models' tensors, which are contiguous; the kernels are compiled for contiguous arrays
+        ctx.layout = [(tuple(x.shape), x.stride()) for x in (value, sampling_locations, attention_weights)]
         value, loc, attn = value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()
         B, Q, nH, P = attn.shape
         out = value.new_empty(B, Q, nH * value.shape[3])  # (B, Q, nH*hD), every element written by the kernel
@@ -438,6 +440,8 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable  # the backward is a kernel, not torch ops: no second derivatives
     def backward(ctx, grad_out):
         value, loc, attn, levels = ctx.saved_tensors
+        layout = (*ctx.layout, (tuple(grad_out.shape), grad_out.stride()), tuple(map(tuple, levels.numpy().tolist()))) \
+            if not value.is_cuda else None
         grad_out = grad_out.contiguous()  # out.sum() hands in stride 0: a copy beats compiling for strided arrays
         grad_value, grad_loc, grad_attn = torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
         arrays = [_array(x) for x in (value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn)]
@@ -446,7 +450,24 @@ class MSDeformAttnFunction(torch.autograd.Function):
                 cuda_backward(*arrays, stream=_torch_stream(value))
         else:
             cpu_backward(*arrays)
+            strides = readable_grad_strides(*layout)  # the same bits, now also the same layout
+            grad_value, grad_loc, grad_attn = [torch.empty_strided(g.shape, s, dtype=g.dtype).copy_(g)
+                                               for g, s in zip((grad_value, grad_loc, grad_attn), strides)]
         return grad_value, grad_loc, grad_attn, None
+
+
+@functools.lru_cache(maxsize=64)
+def readable_grad_strides(value, loc, attn, grad_out, levels) -> tuple:
+    """Strides of the readable version's three gradients, for inputs and grad_out of these (shape, strides): autograd
+    on the meta device, which computes layouts and no numbers. Layout matters downstream: the readable version hands
+    value's gradient back in a channel-major layout, and a convolution fed another layout rounds otherwise."""
+    from common import ms_deform_attn_torch
+
+    value, loc, attn = [torch.empty_strided(*x, device="meta", requires_grad=True) for x in (value, loc, attn)]
+    with torch.enable_grad():  # off inside a backward
+        out = ms_deform_attn_torch(value, [r[:2] for r in levels], [r[3] for r in levels], loc, attn)
+        grads = torch.autograd.grad(out, (value, loc, attn), torch.empty_strided(*grad_out, device="meta"))
+    return tuple(g.stride() for g in grads)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes, points_per_level, sampling_locations: torch.Tensor,

@@ -140,9 +140,11 @@ def test_float32_backward_equals_readable_bit_for_bit():
     """The three gradients, torch.equal. The readable version's order of adds depends on B, nH and Q (its reshapes
     copy only when B, nH and Q all exceed 1) and on the level layout, so: the models' layouts at hD 32 and 16 with
     B 1 and 2, nH 1 and 3, Q 1 and more (steps of 8 points, sums over 32 columns and their tails); one level, one
-    point per level; CASES; every case at locations spread over and beyond the map and on pixel centres and edges."""
+    point per level; CASES; every case at locations spread over and beyond the map and on pixel centres and edges.
+    Also the same strides: layout decides how the ops downstream round (kernels.readable_grad_strides)."""
     layouts = [([(9, 7), (5, 4), (3, 2), (2, 1)], [4] * 4), ([(8, 6), (4, 3), (2, 2)], [3, 6, 3]),
-               ([(7, 8), (4, 4)], [6, 6]), ([(6, 5)], [5]), ([(6, 5)], [12]), ([(5, 4), (2, 3)], [1, 2]), ([(4, 3)], [1])]
+               ([(7, 8), (4, 4)], [6, 6]), ([(6, 5)], [5]), ([(6, 5)], [12]), ([(5, 4), (2, 3)], [1, 2]),
+               ([(4, 3)], [1])]
     cases = [(B, Q, nH, hD, shapes, points) for shapes, points in layouts for B, nH in ((1, 3), (2, 3), (2, 1))
              for Q, hD in ((1, 16), (11, 32), (7, 16))] + list(CASES.values())
     for n, (B, Q, nH, hD, shapes, points) in enumerate(cases):
@@ -153,6 +155,8 @@ def test_float32_backward_equals_readable_bit_for_bit():
             for name, a, b in zip(["grad value", "grad locations", "grad attention"], ours[1:], ref[1:]):
                 assert torch.equal(a, b), f"{name}, {B, Q, nH, hD} {shapes} {points} {locations}: " \
                     f"max diff {(a - b).abs().max():.3g}"
+                layout = [[s for s, n in zip(x.stride(), x.shape) if n > 1] for x in (a, b)]  # size-1 dims: any
+                assert layout[0] == layout[1], f"{name}: layout {a.stride()}, readable {b.stride()}"
 
 
 def test_cpu_kernel_gradcheck():
