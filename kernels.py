@@ -6,7 +6,7 @@ speed: the readable version copies each level's values into images, and grid_sam
 (B*nH, hD, Q, P), before it is weighted and summed; a kernel reads the four neighbours of each point and adds them
 straight into the output.
 
-0. the sampling rule, then the rounding the CPU forward copies from torch (why, under its own banner)
+0. the sampling rule, then the rounding the CPU kernels copy from torch (why, under its own banner)
 1. Numba CPU: forward threads take blocks of queries, all heads together; backward one thread per (batch, head)
 2. Numba CUDA: forward one thread per output channel, backward one thread per point with atomic adds into the
    value gradient; launch functions take device arrays (numba's, or anything with __cuda_array_interface__)
@@ -58,10 +58,11 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Rounding as torch rounds: why the CPU forward gives the readable version's float32 bits
+# Rounding as torch rounds: why the CPU kernels give the readable version's float32 bits
 #
 # The models' parity with transformers is bit for bit, and one ulp off in a sample grows to 1e-4 in Grounding DINO's
-# logits (the top-k turns it into other queries). So the CPU forward rounds and adds in torch's order. x86 torch runs
+# logits (the top-k turns it into other queries), one in a gradient to 1e-4 in D-FINE's training. So the CPU kernels
+# round and add in torch's order. x86 torch runs
 # its AVX2 kernels (built with FMA: GCC fuses a * b + c) for grid_sample and sum also on AVX512 CPUs, as
 # REGISTER_DISPATCH leaves them no AVX512 slot (ATen/native/DispatchStub.h). Other builds (DEFAULT, ARM) round
 # otherwise, and there backend "auto" picks the readable version (common.resolve_backend).
@@ -75,6 +76,18 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #     then lanes 0, 1, ... (vectorized_inner_sum). For P < width four scalar sums take turns (scalar_inner_sum). So 16
 #     points add up as (x0 + x8) + (x1 + x9) + ... + (x7 + x15), 12 as x8 + x9 + x10 + x11 + x0 + x1 + ... + x7, left
 #     to right (sum_plan). From 512 float32 points on torch nests its sums a level deeper, which we do not copy.
+#   - backward (autograd through the readable version): d sample = grad_out * attention weight, rounded. grid_sample's
+#     backward takes the level's grid in steps of a vector of points: one query's points at a time, or all the level's
+#     in a row where that grid is contiguous (one level and B > 1 or nH = 1, or Q = 1). Per step and channel it adds
+#     weight * d sample into the value gradient corner by corner (nw, ne, sw, se), each over the step's points; and
+#     d ix += fma(fma(se - sw, fy, (ne - nw) * (1 - fy)), d sample) over channels in order (d iy alike), then times
+#     W / 2 (unnormalize) and 2 (2x - 1);
+#   - d attention weight: grad_out * sample rounded, summed over channels down a column of a (channels, n) array
+#     (vectorized_outer_sum): n = Q * P where the readable version copies grad_out (B, nH and Q all above 1), else P.
+#     In the first 4 * width * (n // (4 * width)) columns (4 * (n // 4) for n < width) blocks of 16 channels, each
+#     added in order, then the blocks (multi_row_sum, run_sum); in the others four sums take turns, then
+#     ((s0 + s1) + s2) + s3 (row_sum); a single column (n = 1) is contiguous, added as the forward's sum (sum_plan);
+#   - the gradients come back in the readable version's memory layout (readable_grad_strides).
 SUM_VECTOR_BYTES = 32  # torch's AVX2 vector, whose width sets its sum's order
 
 
@@ -216,17 +229,11 @@ def column_sum(x, how, plan):
         for k in range(m, len(x)):
             s0 += x[k]
         return ((s0 + run_sum(x, 1, m, 4)) + run_sum(x, 2, m, 4)) + run_sum(x, 3, m, 4)
-    t, z = x.dtype.type, x.dtype.type(-0.0)
-    s, r, acc = z, z, z  # a contiguous sum, the forward's (sum_plan)
+    z, sums = x.dtype.type(-0.0), np.full(3, -0.0, x.dtype)  # one column is contiguous: s, r, acc of sum_plan
     for p, into, keep, add in plan:
-        xp = x[p] if p < len(x) else t(0)
-        if into == 0:
-            s = (s if keep else z) + ((r if add else z) + xp)
-        elif into == 1:
-            r = (r if keep else z) + ((s if add else z) + xp)
-        else:
-            acc = (acc if keep else z) + ((r if add else z) + xp)
-    return acc
+        other = sums[0] if into == 1 else sums[1]
+        sums[into] = (sums[into] if keep else z) + ((other if add else z) + (x[p] if p < len(x) else z))
+    return sums[2]
 
 
 @njit(parallel=True, cache=True)
@@ -255,7 +262,7 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
         first = 0  # the level's first point
         for lvl in range(len(levels)):
             H, W, start, n_points = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2], levels[lvl, 3]
-            row = Q * n_points if Q == 1 or (n_points == P and (copied or nH == 1)) else n_points  # grid contiguous?
+            row = Q * n_points if Q == 1 or (n_points == P and (B > 1 or nH == 1)) else n_points  # contiguous?
             for r0 in range(0, Q * n_points, max(row, 1)):
                 for f0 in range(r0, r0 + row, lanes):  # one step: points f0 .. f0 + n - 1 of the level's grid
                     n = min(lanes, r0 + row - f0)
