@@ -6,7 +6,7 @@ speed: the readable version copies each level's values into images, and grid_sam
 (B*nH, hD, Q, P), before it is weighted and summed; a kernel reads the four neighbours of each point and adds them
 straight into the output.
 
-0. the sampling rule, then the rounding the CPU forward copies from torch (why, under its own banner)
+0. the sampling rule, then the rounding the CPU kernels copy from torch (why, under its own banner)
 1. Numba CPU: forward threads take blocks of queries, all heads together; backward one thread per (batch, head)
 2. Numba CUDA: forward one thread per output channel, backward one thread per point with atomic adds into the
    value gradient; launch functions take device arrays (numba's, or anything with __cuda_array_interface__)
@@ -20,6 +20,7 @@ sampling_locations (B, Q, nH, P, 2) with x, y in [0, 1] (outside allowed), point
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -57,10 +58,11 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Rounding as torch rounds: why the CPU forward gives the readable version's float32 bits
+# Rounding as torch rounds: why the CPU kernels give the readable version's float32 bits
 #
 # The models' parity with transformers is bit for bit, and one ulp off in a sample grows to 1e-4 in Grounding DINO's
-# logits (the top-k turns it into other queries). So the CPU forward rounds and adds in torch's order. x86 torch runs
+# logits (the top-k turns it into other queries), one in a gradient to 1e-4 in D-FINE's training. So the CPU kernels
+# round and add in torch's order. x86 torch runs
 # its AVX2 kernels (built with FMA: GCC fuses a * b + c) for grid_sample and sum also on AVX512 CPUs, as
 # REGISTER_DISPATCH leaves them no AVX512 slot (ATen/native/DispatchStub.h). Other builds (DEFAULT, ARM) round
 # otherwise, and there backend "auto" picks the readable version (common.resolve_backend).
@@ -74,6 +76,18 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #     then lanes 0, 1, ... (vectorized_inner_sum). For P < width four scalar sums take turns (scalar_inner_sum). So 16
 #     points add up as (x0 + x8) + (x1 + x9) + ... + (x7 + x15), 12 as x8 + x9 + x10 + x11 + x0 + x1 + ... + x7, left
 #     to right (sum_plan). From 512 float32 points on torch nests its sums a level deeper, which we do not copy.
+#   - backward (autograd through the readable version): d sample = grad_out * attention weight, rounded. grid_sample's
+#     backward takes the level's grid in steps of a vector of points: one query's points at a time, or all the level's
+#     in a row where that grid is contiguous (one level and B > 1 or nH = 1, or Q = 1). Per step and channel it adds
+#     weight * d sample into the value gradient corner by corner (nw, ne, sw, se), each over the step's points; and
+#     d ix += fma(fma(se - sw, fy, (ne - nw) * (1 - fy)), d sample) over channels in order (d iy alike), then times
+#     W / 2 (unnormalize) and 2 (2x - 1);
+#   - d attention weight: grad_out * sample rounded, summed over channels down a column of a (channels, n) array
+#     (vectorized_outer_sum): n = Q * P where the readable version copies grad_out (B, nH and Q all above 1), else P.
+#     In the first 4 * width * (n // (4 * width)) columns (4 * (n // 4) for n < width) blocks of 16 channels, each
+#     added in order, then the blocks (multi_row_sum, run_sum); in the others four sums take turns, then
+#     ((s0 + s1) + s2) + s3 (row_sum); a single column (n = 1) is contiguous, added as the forward's sum (sum_plan);
+#   - the gradients come back in the readable version's memory layout (readable_grad_strides).
 SUM_VECTOR_BYTES = 32  # torch's AVX2 vector, whose width sets its sum's order
 
 
@@ -188,49 +202,111 @@ def cpu_forward(value, levels, loc, attn, out):
                         dst[j] = (dst[j] if keep else z) + ((o[j] if add else z) + x)
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True)
+def run_sum(x, start, stop, step):
+    """torch's sum down one column (multi_row_sum) of x[start:stop:step]: blocks of 16 numbers, each added up in
+    order, the blocks' sums added up in order, then the rest's sum plus theirs (from 256 numbers torch nests deeper)."""
+    t = x.dtype.type
+    blocks, rest, i = t(0), t(0), start
+    while i + 15 * step < stop:
+        block = t(0)
+        for k in range(16):
+            block += x[i + k * step]
+        blocks, i = blocks + block, i + 16 * step
+    for k in range(i, stop, step):
+        rest += x[k]
+    return rest + blocks
+
+
+@njit(cache=True)
+def column_sum(x, how, plan):
+    """torch's sum of x, one attention weight's products over channels, in the order `how` names (banner above)."""
+    if how == 0:
+        return run_sum(x, 0, len(x), 1)
+    if how == 1:  # row_sum: four sums take turns, the tail joins sum 0
+        m = len(x) // 4 * 4
+        s0 = run_sum(x, 0, m, 4)
+        for k in range(m, len(x)):
+            s0 += x[k]
+        return ((s0 + run_sum(x, 1, m, 4)) + run_sum(x, 2, m, 4)) + run_sum(x, 3, m, 4)
+    z, sums = x.dtype.type(-0.0), np.full(3, -0.0, x.dtype)  # one column is contiguous: s, r, acc of sum_plan
+    for p, into, keep, add in plan:
+        other = sums[0] if into == 1 else sums[1]
+        sums[into] = (sums[into] if keep else z) + ((other if add else z) + (x[p] if p < len(x) else z))
+    return sums[2]
+
+
+@njit(parallel=True, cache=True)
 def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn):
     """Gradients of cpu_forward into grad_value (zeroed by the caller), grad_loc and grad_attn (written whole).
 
     One thread per (b, h): it alone writes grad_value[b, :, h, :], so every sum runs in one fixed order and the
     result is the same bit for bit whatever the number of threads (atomics would make it vary run to run). The price
-    is B*nH-way parallelism, plenty for 2 to 8 cores. fastmath "reassoc" lets LLVM vectorise the dot products over
-    channels by reordering their sums: faster, and float32 gradients as close to the readable version's as before."""
+    is B*nH-way parallelism, plenty for 2 to 8 cores. Per level, steps of up to `lanes` points in grid_sample's
+    order; rounding and order as torch's (banner above): float32 equals the readable version bit for bit."""
     B, S, nH, hD = value.shape
     Q, P = loc.shape[1], loc.shape[3]
     t = value.dtype.type
-    point_level = levels[np.repeat(np.arange(len(levels)), levels[:, 3])]  # (P, 4): each point's row of levels
+    lanes = SUM_VECTOR_BYTES // value.itemsize
+    copied = B > 1 and nH > 1 and Q > 1  # the readable version's reshapes copy: its grid and gradient contiguous
+    columns = Q * P if copied else P  # columns of its sum over channels; attention weight (q, p) is one of them
+    block = 4 * lanes if columns >= lanes else 4  # columns that multi_row_sum takes at once
+    plan = sum_plan(hD, lanes)
     for bh in prange(B * nH):
         b, h = bh // nH, bh % nH
-        for q in range(Q):
-            g = grad_out[b, q, h * hD:(h + 1) * hD]  # (hD,) gradient of this head's output channels
-            for p in range(P):
-                H, W, start = point_level[p, 0], point_level[p, 1], point_level[p, 2]
-                ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
-                ga, gx, gy = t(0), t(0), t(0)  # d out / d attn, d ix, d iy, each dotted with g
-                if -1 <= ix < W and -1 <= iy < H:
-                    x0, y0 = int(np.floor(ix)), int(np.floor(iy))  # exact: ix is in [-1, W)
-                    fx, fy = ix - t(x0), iy - t(y0)
-                    a = attn[b, q, h, p]
-                    for corner in range(4):  # nw, ne, sw, se
-                        dy, dx = corner // 2, corner % 2
-                        xx, yy = x0 + dx, y0 + dy
-                        if 0 <= xx < W and 0 <= yy < H:
-                            wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
-                            tok = start + yy * W + xx
-                            row, grad_row = value[b, tok, h], grad_value[b, tok, h]  # (hD,) each
-                            dot = t(0)  # g . value at this neighbour
+        tokens, inside = np.zeros((lanes, 4), np.int64), np.zeros((lanes, 4), value.dtype)  # nw, ne, sw, se
+        weights, g_sample = np.zeros((lanes, 4), value.dtype), np.zeros((lanes, hD), value.dtype)
+        fx, fy = np.zeros(lanes, value.dtype), np.zeros(lanes, value.dtype)
+        v, rows = np.zeros((4, hD), value.dtype), np.zeros((3, hD), value.dtype)  # the 4 neighbours' rows; scratch
+        products, d_ix, d_iy = rows[0], rows[1], rows[2]
+        first = 0  # the level's first point
+        for lvl in range(len(levels)):
+            H, W, start, n_points = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2], levels[lvl, 3]
+            row = Q * n_points if Q == 1 or (n_points == P and (B > 1 or nH == 1)) else n_points  # contiguous?
+            for r0 in range(0, Q * n_points, max(row, 1)):
+                for f0 in range(r0, r0 + row, lanes):  # one step: points f0 .. f0 + n - 1 of the level's grid
+                    n = min(lanes, r0 + row - f0)
+                    for i in range(n):
+                        q, p = (f0 + i) // n_points, first + (f0 + i) % n_points
+                        ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
+                        x0, y0 = np.floor(ix), np.floor(iy)
+                        fx[i], fy[i] = ix - x0, iy - y0
+                        w = weights[i]  # (4,) view: nw, ne, sw, se
+                        w[0], w[1] = (t(1) - fy[i]) * (t(1) - fx[i]), (t(1) - fy[i]) * fx[i]
+                        w[2], w[3] = fy[i] * (t(1) - fx[i]), fy[i] * fx[i]
+                        for corner in range(4):  # a neighbour outside reads as 0 (times a row inside)
+                            xx, yy = x0 + corner % 2, y0 + corner // 2
+                            ok = 0 <= xx < W and 0 <= yy < H
+                            inside[i, corner], tokens[i, corner] = t(ok), start + int(yy) * W + int(xx) if ok else start
+                        a, g = attn[b, q, h, p], grad_out[b, q, h * hD:(h + 1) * hD]
+                        for j in range(hD):
+                            g_sample[i, j] = g[j] * a  # d loss / d sample
+                    for corner in range(4):  # grid_sample adds into value corner by corner, each over the step
+                        for i in range(n):
+                            if inside[i, corner]:
+                                w, gs, grad_row = weights[i, corner], g_sample[i], grad_value[b, tokens[i, corner], h]
+                                for j in range(hD):
+                                    grad_row[j] += w * gs[j]
+                    for i in range(n):
+                        q, p = (f0 + i) // n_points, first + (f0 + i) % n_points
+                        w, g, gs = weights[i], grad_out[b, q, h * hD:(h + 1) * hD], g_sample[i]
+                        for corner in range(4):  # grid_sample reads a neighbour outside as 0
+                            ok, tok = inside[i, corner], tokens[i, corner]
                             for j in range(hD):
-                                dot += g[j] * row[j]
-                            aw = a * (wy * wx)
-                            for j in range(hD):
-                                grad_row[j] += g[j] * aw
-                            ga += wy * wx * dot
-                            # d wx / d ix is +1 for the east neighbours, -1 for the west; likewise for y
-                            gx = gx + wy * dot if dx else gx - wy * dot
-                            gy = gy + wx * dot if dy else gy - wx * dot
-                    gx, gy = gx * a * t(W), gy * a * t(H)  # d ix / d x = W: the map is W pixels wide
-                grad_attn[b, q, h, p], grad_loc[b, q, h, p, 0], grad_loc[b, q, h, p, 1] = ga, gx, gy
+                                v[corner, j] = value[b, tok, h, j] if ok else t(0)
+                        for j in range(hD):  # vectorised: no sums across channels here
+                            nw, ne, sw, se = v[0, j], v[1, j], v[2, j], v[3, j]
+                            d_ix[j] = fma(se - sw, fy[i], (ne - nw) * (t(1) - fy[i]))  # d sample / d ix, over gs
+                            d_iy[j] = fma(se - ne, fx[i], (sw - nw) * (t(1) - fx[i]))
+                            products[j] = g[j] * fma(se, w[3], fma(sw, w[2], fma(ne, w[1], nw * w[0])))
+                        gx, gy = t(0), t(0)
+                        for j in range(hD):
+                            gx, gy = fma(d_ix[j], gs[j], gx), fma(d_iy[j], gs[j], gy)
+                        col = q * P + p if copied else p
+                        how = (2 if hD >= lanes else 1) if columns == 1 else int(col >= columns // block * block)
+                        grad_attn[b, q, h, p] = column_sum(products, how, plan)
+                        grad_loc[b, q, h, p, 0], grad_loc[b, q, h, p, 1] = gx * t(W / 2) * t(2), gy * t(H / 2) * t(2)
+            first += n_points
 
 
 # -----------------------------------------------------------------------------
@@ -354,6 +430,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, levels):
         # no copies for the models' tensors, which are contiguous; the kernels are compiled for contiguous arrays
+        ctx.layout = [(tuple(x.shape), x.stride()) for x in (value, sampling_locations, attention_weights)]
         value, loc, attn = value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()
         B, Q, nH, P = attn.shape
         out = value.new_empty(B, Q, nH * value.shape[3])  # (B, Q, nH*hD), every element written by the kernel
@@ -370,6 +447,8 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable  # the backward is a kernel, not torch ops: no second derivatives
     def backward(ctx, grad_out):
         value, loc, attn, levels = ctx.saved_tensors
+        layout = (*ctx.layout, (tuple(grad_out.shape), grad_out.stride()), tuple(map(tuple, levels.numpy().tolist()))) \
+            if not value.is_cuda else None
         grad_out = grad_out.contiguous()  # out.sum() hands in stride 0: a copy beats compiling for strided arrays
         grad_value, grad_loc, grad_attn = torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
         arrays = [_array(x) for x in (value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn)]
@@ -378,7 +457,24 @@ class MSDeformAttnFunction(torch.autograd.Function):
                 cuda_backward(*arrays, stream=_torch_stream(value))
         else:
             cpu_backward(*arrays)
+            strides = readable_grad_strides(*layout)  # the same bits, now also the same layout
+            grad_value, grad_loc, grad_attn = [torch.empty_strided(g.shape, s, dtype=g.dtype).copy_(g)
+                                               for g, s in zip((grad_value, grad_loc, grad_attn), strides)]
         return grad_value, grad_loc, grad_attn, None
+
+
+@functools.lru_cache(maxsize=64)
+def readable_grad_strides(value, loc, attn, grad_out, levels) -> tuple:
+    """Strides of the readable version's three gradients, for inputs and grad_out of these (shape, strides): autograd
+    on the meta device, which computes layouts and no numbers. Layout matters downstream: the readable version hands
+    value's gradient back in a channel-major layout, and a convolution fed another layout rounds otherwise."""
+    from common import ms_deform_attn_torch
+
+    value, loc, attn = [torch.empty_strided(*x, device="meta", requires_grad=True) for x in (value, loc, attn)]
+    with torch.enable_grad():  # off inside a backward
+        out = ms_deform_attn_torch(value, [r[:2] for r in levels], [r[3] for r in levels], loc, attn)
+        grads = torch.autograd.grad(out, (value, loc, attn), torch.empty_strided(*grad_out, device="meta"))
+    return tuple(g.stride() for g in grads)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes, points_per_level, sampling_locations: torch.Tensor,

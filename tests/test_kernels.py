@@ -1,10 +1,10 @@
 """kernels.py against the readable version (common.ms_deform_attn_torch): the output and all three gradients.
 
 float64 first and tight, 1e-10: the kernels and grid_sample do the same arithmetic and differ only in the order
-they add things up. Then float32 at 1e-5, except the CPU forward, which copies torch's rounding and order of adds
-(see the rule in kernels.py) and so equals the readable version bit for bit, which we check with torch.equal on the
-x86 builds of torch whose arithmetic the rule describes. The reference gradients come from torch autograd through
-the readable version.
+they add things up. Then float32 at 1e-5, except the CPU kernels, which copy torch's rounding and order of adds
+(see the banner in kernels.py) and so equal the readable version bit for bit, forward and backward, which we check
+with torch.equal on the x86 builds of torch whose arithmetic the banner describes. The reference gradients come from
+torch autograd through the readable version.
 
 The CUDA kernels run under numba's simulator (NUMBA_ENABLE_CUDASIM=1, which must be set before numba is imported,
 hence a subprocess that runs this file) on tiny shapes, and on a real GPU at the real shapes (marked cuda).
@@ -133,6 +133,30 @@ def test_float32_forward_equals_readable_bit_for_bit():
         value, loc, attn = make_inputs(2, 500, 2, 8, shapes, points, torch.float32)
         assert torch.equal(kernels.ms_deform_attn(value, shapes, points, loc, attn),
                            ms_deform_attn_torch(value, shapes, points, loc, attn)), f"{points} points on {shapes}"
+
+
+@pytest.mark.skipif(not TORCH_X86, reason="the rule copies the rounding of torch's AVX2 kernels (also run on AVX512)")
+def test_float32_backward_equals_readable_bit_for_bit():
+    """The three gradients, torch.equal. The readable version's order of adds depends on B, nH and Q (its reshapes
+    copy only when B, nH and Q all exceed 1) and on the level layout, so: the models' layouts at hD 32 and 16 with
+    B 1 and 2, nH 1 and 3, Q 1 and more (steps of 8 points, sums over 32 columns and their tails); one level, one
+    point per level; CASES; every case at locations spread over and beyond the map and on pixel centres and edges.
+    Also the same strides: layout decides how the ops downstream round (kernels.readable_grad_strides)."""
+    layouts = [([(9, 7), (5, 4), (3, 2), (2, 1)], [4] * 4), ([(8, 6), (4, 3), (2, 2)], [3, 6, 3]),
+               ([(7, 8), (4, 4)], [6, 6]), ([(6, 5)], [5]), ([(6, 5)], [12]), ([(5, 4), (2, 3)], [1, 2]),
+               ([(4, 3)], [1])]
+    cases = [(B, Q, nH, hD, shapes, points) for shapes, points in layouts for B, nH in ((1, 3), (2, 3), (2, 1))
+             for Q, hD in ((1, 16), (11, 32), (7, 16))] + list(CASES.values())
+    for n, (B, Q, nH, hD, shapes, points) in enumerate(cases):
+        for locations in ("spread", "special"):
+            args = make_inputs(B, Q, nH, hD, shapes, points, torch.float32, locations, seed=n)
+            ours = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+            ref = value_and_grads(ms_deform_attn_torch, args[0], shapes, points, *args[1:])
+            for name, a, b in zip(["grad value", "grad locations", "grad attention"], ours[1:], ref[1:]):
+                assert torch.equal(a, b), f"{name}, {B, Q, nH, hD} {shapes} {points} {locations}: " \
+                    f"max diff {(a - b).abs().max():.3g}"
+                layout = [[s for s, n in zip(x.stride(), x.shape) if n > 1] for x in (a, b)]  # size-1 dims: any
+                assert layout[0] == layout[1], f"{name}: layout {a.stride()}, readable {b.stride()}"
 
 
 def test_cpu_kernel_gradcheck():
