@@ -589,13 +589,13 @@ class OnnxModel:
         feed, sizes = {}, {}
         for name, x in inputs.items():
             x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-            spec = self.inputs[name]
-            if x.ndim != len(spec.shape) or x.dtype != self.DTYPES[spec.type]:
-                raise InputError(f"{name} must be {len(spec.shape)}-D {np.dtype(self.DTYPES[spec.type])}, got "
+            port = self.inputs[name]
+            if x.ndim != len(port.shape) or x.dtype != self.DTYPES[port.type]:
+                raise InputError(f"{name} must be {len(port.shape)}-D {np.dtype(self.DTYPES[port.type])}, got "
                                  f"{x.shape} {x.dtype}")
-            for axis, (want, got) in enumerate(zip(spec.shape, x.shape)):
+            for axis, (want, got) in enumerate(zip(port.shape, x.shape)):
                 if isinstance(want, int) and want != got:
-                    raise InputError(f"this graph was exported with {name} of shape {spec.shape} and takes only "
+                    raise InputError(f"this graph was exported with {name} of shape {port.shape} and takes only "
                                      f"size {want} in dimension {axis}; got {x.shape}. "
                                      f"{self.metadata.get('fixed', '')}".strip())
                 if want in ("height", "width") and got % self.multiple:
