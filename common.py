@@ -8,6 +8,7 @@
 6. stage dumps: save named tensors with metadata; `python common.py compare A B`
 7. training: labels checked, the Hungarian matcher (scipy), focal class cost, box IoU/GIoU, L1 and GIoU losses
 8. ONNX: export a forward (logits, pred_boxes) with named inputs; run the file in onnxruntime, inputs checked
+9. shape scenes: seeded synthetic images of 12 coloured shapes, the data the shipped small models learned from
 
 Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
 """
@@ -17,6 +18,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -27,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
 
 class InputError(ValueError):
@@ -280,7 +282,8 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) ->
     except (LocalEntryNotFoundError, OSError) as e:
         raise LoadError(f"cannot reach the Hugging Face Hub and {s} is not in the local cache "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it on a "
-                        f"connected machine, or pass a local folder with config.json and model.safetensors") from None
+                        f"connected machine, or pass a local folder with config.json and model.safetensors "
+                        f"(offline: the models trained here, notebooks/models/dfine-shapes and gdino-shapes)") from None
 
 
 def read_json(path: Path) -> dict:
@@ -608,6 +611,86 @@ class OnnxModel:
             feed[name] = x
         outs = self.session.run(None, feed)
         return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outs)}
+
+
+# -----------------------------------------------------------------------------
+# 9. Shape scenes: the synthetic data of notebooks/train_*.ipynb and of the models in notebooks/models/
+#
+# A smooth two-colour gradient with noise and faint strokes as background, then 1-8 filled shapes, each a colour and
+# a shape of SHAPE_PHRASES (class id = index), sides 5-40% of the short side, drawn at twice the size and shrunk (so
+# edges are anti-aliased). Shapes may overlap a little and be cut by the border; the box is the visible part's.
+
+SHAPE_COLOURS = {"red": (215, 40, 35), "green": (40, 160, 60), "blue": (35, 75, 215), "yellow": (240, 205, 30)}
+SHAPE_KINDS = ("circle", "square", "triangle")
+SHAPE_PHRASES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # "red circle", ..., "yellow triangle"
+
+
+def shape_outline(kind: str, cx: float, cy: float, side: float, angle: float) -> list[tuple[float, float]]:
+    """The polygon of a shape (a circle as 64 points): a square turned by `angle`, an equilateral triangle of that
+    side turned by `angle` around its centroid."""
+    n, r = {"circle": (64, side / 2), "square": (4, side / math.sqrt(2)), "triangle": (3, side / math.sqrt(3))}[kind]
+    a = angle + np.arange(n) * (2 * math.pi / n) + (math.pi / 4 if kind == "square" else 0.0)
+    return list(zip((cx + r * np.cos(a)).tolist(), (cy + r * np.sin(a)).tolist()))
+
+
+def shape_background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """Muted colours (so that no shape colour is the background's): a linear gradient, blurred noise, faint strokes."""
+    c0, c1 = rng.uniform(70, 190, 3), rng.uniform(70, 190, 3)  # (3,) each
+    t = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)  # (h, w) each
+    g = (np.cos(t) * xx + np.sin(t) * yy)[..., None]  # (h, w, 1) position along the gradient
+    g = (g - g.min()) / max(np.ptp(g), 1e-6)
+    img = c0 * (1 - g) + c1 * g  # (h, w, 3)
+    blotches = rng.normal(0, 1, (max(h // 16, 2), max(w // 16, 2), 3))  # coarse noise, upsampled: soft texture
+    img += 18 * np.asarray(Image.fromarray(((blotches + 4) * 32).clip(0, 255).astype(np.uint8)).resize(
+        (w, h), Image.BICUBIC), dtype=np.float64) / 32 - 18 * 4
+    img += rng.normal(0, 6, (h, w, 3))  # fine grain
+    pic = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pic)
+    for _ in range(rng.integers(2, 7)):  # strokes: edges that are not objects
+        x0, y0, x1, y1 = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, h)
+        grey = tuple(int(v) for v in rng.uniform(60, 200, 3))
+        draw.line([(x0, y0), (x1, y1)], fill=grey, width=int(rng.integers(1, 4)))
+    return pic.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def shape_scene(seed: int, size: tuple[int, int] = (320, 320), max_shapes: int = 8) -> dict:
+    """One seeded scene -> {"image": PIL RGB of size (width, height), "boxes": (n, 4) float32 xyxy pixels,
+    "class_ids": (n,) int64 indices into SHAPE_PHRASES, "phrases": n strings}. The same seed gives the same scene."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    bg = shape_background(rng, w, h)
+    canvas = Image.new("RGB", (2 * w, 2 * h))  # shapes drawn at 2x on a transparent layer, then shrunk
+    alpha = Image.new("L", (2 * w, 2 * h), 0)
+    dc, da = ImageDraw.Draw(canvas), ImageDraw.Draw(alpha)
+    short = min(w, h)
+    boxes, ids, n = [], [], int(rng.integers(1, max_shapes + 1))
+    area = lambda b: (b[..., 2:] - b[..., :2]).prod(-1)  # noqa: E731
+    for _ in range(200):  # tries: a shape mostly cut off or covering another is drawn again elsewhere
+        if len(boxes) == n:
+            break
+        cls = int(rng.integers(len(SHAPE_PHRASES)))
+        kind = SHAPE_KINDS[cls % 3]
+        side = rng.uniform(0.05, 0.40) * short
+        cx, cy = rng.uniform(-0.2 * side, w + 0.2 * side), rng.uniform(-0.2 * side, h + 0.2 * side)
+        pts = np.array(shape_outline(kind, cx, cy, side, rng.uniform(0, 2 * math.pi)))  # (n, 2)
+        full = np.concatenate([pts.min(0), pts.max(0)])  # (4,) xyxy before the border cuts it
+        box = np.concatenate([np.maximum(full[:2], 0), np.minimum(full[2:], [w, h])])
+        if area(box) < 0.6 * area(full):  # mostly cut off
+            continue
+        if boxes:  # overlap a little at most: no box, old or new, covered by more than 20%
+            b = np.array(boxes)  # (k, 4)
+            inter = (np.minimum(b[:, 2:], box[2:]) - np.maximum(b[:, :2], box[:2])).clip(0).prod(1)  # (k,)
+            if (inter > 0.2 * np.minimum(area(b), area(box))).any():
+                continue
+        colour = np.array(SHAPE_COLOURS[SHAPE_PHRASES[cls].split()[0]]) + rng.integers(-20, 21, 3)
+        dc.polygon([(2 * x, 2 * y) for x, y in pts], fill=tuple(int(v) for v in colour.clip(0, 255)))
+        da.polygon([(2 * x, 2 * y) for x, y in pts], fill=255)
+        boxes.append(box), ids.append(cls)
+    shapes = canvas.resize((w, h), Image.BOX)
+    img = Image.composite(shapes, bg, alpha.resize((w, h), Image.BOX))
+    return {"image": img, "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
+            "class_ids": np.array(ids, dtype=np.int64), "phrases": [SHAPE_PHRASES[i] for i in ids]}
 
 
 def _main() -> int:
