@@ -10,7 +10,7 @@ wide layers after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
   1. config            config.json -> a flat dataclass
-  2. preprocessing     stretch to 640x640 with PIL bilinear, /255, no normalisation
+  2. preprocessing     stretch to 640x640 (the checkpoint's size) with PIL bilinear, /255, no normalisation
   3. backbone          HGNetV2: stem, 4 stages of HG blocks -> 2 or 3 maps at strides 8/16/32
   4. hybrid encoder    input projections, AIFI (one transformer layer on the coarsest map), CCFF (FPN + PAN)
   5. query selection   anchors, then (DFine.select_queries, in 7) encoder head and top-300 proposals
@@ -18,7 +18,7 @@ Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers
   7. the model         forward as a short list of the stages above; detect; from_pretrained
   8. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
   9. training          denoising queries, Hungarian matching, VFL, L1, GIoU, FGL, DDF; initial weights
- 10. the key map       Hub key names (4.x and 5.x) -> this file's module names
+ 10. the key map       Hub key names (4.x and 5.x) -> this file's module names; save_pretrained, its inverse
  11. fast inference    an option: batch norms folded into the convs, not bit-exact (off by default)
  12. ONNX export       model.export_onnx(path): dynamic batch and size (multiples of 32), readable attention
  13. command line
@@ -164,19 +164,19 @@ class DFineConfig:
 # -----------------------------------------------------------------------------
 # 2. Preprocessing: what transformers' RTDetrImageProcessorPil does with the Hub preprocessor_config.json
 
-INPUT_SIZE = 640
+INPUT_SIZE = (640, 640)  # (height, width) of every Hub preprocessor; a checkpoint's preprocessor_config.json may differ
 
 
-def preprocess(images: list[Image.Image]) -> torch.Tensor:
-    """RGB PIL images -> (B, 3, 640, 640) in [0, 1]. A plain stretch: no aspect ratio kept, no padding."""
+def preprocess(images: list[Image.Image], size: tuple[int, int] = INPUT_SIZE) -> torch.Tensor:
+    """RGB PIL images -> (B, 3, H, W) in [0, 1], (H, W) = size. A plain stretch: no aspect ratio kept, no padding."""
     arrays = []
     for img in images:
-        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)  # PIL's bilinear anti-aliases when shrinking
+        img = img.resize(size[::-1], Image.BILINEAR)  # PIL's bilinear anti-aliases when shrinking
         a = np.asarray(img).astype(np.float64) * (1 / 255)  # float64 then float32, as the processor: exact bits
-        arrays.append(a.astype(np.float32).transpose(2, 0, 1))  # (3, 640, 640)
+        arrays.append(a.astype(np.float32).transpose(2, 0, 1))  # (3, H, W)
     # contiguous NCHW: np.stack keeps the transposed (channels-last) strides, and conv picks another algorithm
     # for those, which rounds differently (0.01 on logits through the top-k)
-    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))  # (B, 3, 640, 640)
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))  # (B, 3, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -736,6 +736,7 @@ class DFine(nn.Module):
         if cfg.num_denoising > 0:  # training only: the class embedding of the denoising queries (K: padding)
             K = len(cfg.id2label)
             self.denoising_class_embed = nn.Embedding(K + 1, d, padding_idx=K)
+        self.input_size = INPUT_SIZE  # (height, width) detect resizes to; from_pretrained reads the checkpoint's
         init_weights(self)  # from scratch as the original; from_pretrained then overwrites every tensor
 
     def encode(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -809,7 +810,7 @@ class DFine(nn.Module):
         if not images:
             raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
         weight = self.enc_score_head.weight
-        out = self(preprocess(images).to(weight.device, weight.dtype))
+        out = self(preprocess(images, self.input_size).to(weight.device, weight.dtype))
         results = postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
                               self.cfg.id2label)
         return [common.best_detections(r, nms, top_k, None if class_agnostic else r["labels"]) for r in results]
@@ -827,6 +828,7 @@ class DFine(nn.Module):
         cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
         model = cls(cfg, backend).to(dtype)  # load_weights casts the file's tensors to it
         common.load_weights(model, common.weight_files(folder), key_map, optional=optional_key)
+        model.input_size = read_input_size(folder)
         model.name_or_path, model.revision = str(name_or_path), revision
         return model.eval()
 
@@ -1078,7 +1080,7 @@ def init_weights(model: "DFine") -> None:
 
 
 # -----------------------------------------------------------------------------
-# 10. The key map: Hub checkpoint names -> this file's module names
+# 10. The key map: Hub checkpoint names -> this file's module names, and saving (the same map read backwards)
 #
 # Hub files use transformers 4.x names; files re-saved by other 5.x tools may use the 5.x ones. Both load.
 #   model.backbone.model.X                  -> backbone.X
@@ -1104,6 +1106,63 @@ def key_map(key: str) -> str | None:
 def optional_key(name: str) -> bool:
     """Tensors a file may lack: the BN step counter (unused in eval) and num_points_scale (1/n_l, rebuilt at init)."""
     return name.endswith((".num_batches_tracked", ".num_points_scale"))
+
+
+def read_input_size(folder: Path) -> tuple[int, int]:
+    """The (height, width) of preprocessor_config.json's size; 640x640 where the folder has none."""
+    f = folder / "preprocessor_config.json"
+    size = common.read_json(f).get("size", {}) if f.is_file() else {}
+    h, w = size.get("height", INPUT_SIZE[0]), size.get("width", INPUT_SIZE[1])
+    if h % 32 or w % 32:
+        raise common.LoadError(f"{f} resizes to {h}x{w}; D-FINE needs multiples of 32")
+    return h, w
+
+
+# Saving writes what from_pretrained (and transformers) read: transformers 4.x key names, a nested config.json.
+BACKBONE_FIELDS = ("stem_channels", "stem_strides", "stage_in_channels", "stage_mid_channels", "stage_out_channels",
+                   "stage_num_blocks", "stage_numb_of_layers", "stage_downsample", "stage_downsample_strides",
+                   "stage_light_block", "stage_kernel_size", "use_learnable_affine_block", "hidden_act", "out_indices")
+
+
+def hub_key(name: str) -> str:
+    """Our parameter name -> the key transformers 4.x files use (key_map's inverse)."""
+    if name.startswith("backbone."):
+        return "model.backbone.model." + name.removeprefix("backbone.")
+    if name.startswith("encoder.aifi."):
+        return "model.encoder.encoder." + name.removeprefix("encoder.aifi.")
+    return "model." + name
+
+
+def config_json(cfg: DFineConfig) -> dict:
+    """The config as a Hub config.json: the backbone's fields nested under backbone_config."""
+    flat = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "id2label"}
+    backbone = {k: flat.pop(k) for k in BACKBONE_FIELDS}
+    names = ["stem", "stage1", "stage2", "stage3", "stage4"]
+    backbone.update(model_type="hgnet_v2", out_features=[names[i] for i in backbone["out_indices"]],
+                    hidden_sizes=backbone["stage_out_channels"])  # transformers takes the channels from these
+    return {"model_type": "d_fine", "architectures": ["DFineForObjectDetection"], **flat, "backbone_config": backbone,
+            "id2label": {str(k): v for k, v in cfg.id2label.items()},
+            "label2id": {v: k for k, v in cfg.id2label.items()}}
+
+
+def save_pretrained(model: DFine, folder: str | Path) -> None:
+    """Write config.json, model.safetensors and preprocessor_config.json (the model's input size) to `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    state = {hub_key(k): v.detach().contiguous() for k, v in ours.items()}
+    assert [key_map(k) for k in state] == list(ours), "hub_key is not key_map's inverse"
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
+    h, w = model.input_size
+    pre = {"image_processor_type": "RTDetrImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
+           "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False, "do_pad": False}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+
+DFine.save_pretrained = save_pretrained  # beside from_pretrained, defined here with the key map it inverts
 
 
 # -----------------------------------------------------------------------------
@@ -1263,7 +1322,7 @@ def main(argv: list[str] | None = None) -> int:
         common.draw_detections(images[0], r["boxes"], r["names"], r["scores"], args.save)
         print(f"saved {args.save}", file=sys.stderr)  # stderr: stdout stays pure JSON with --json
     if args.dump:
-        pixels = preprocess(images[:1]).to(model.enc_score_head.weight.dtype)
+        pixels = preprocess(images[:1], model.input_size).to(model.enc_score_head.weight.dtype)
         with torch.inference_mode():
             stages = model(pixels, return_stages=True).stages
         common.save_stages(args.dump, stages, args.model, args.revision, pixels)

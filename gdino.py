@@ -28,7 +28,7 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   9. heads, the model   contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh;
                         GroundingDino.forward (sections 3-9 in order) and detect
  10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
- 11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, chunking of long prompts
+ 11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, save_pretrained, chunking
  12. training           label maps from the prompt, Hungarian matching, focal/L1/GIoU set loss; init from scratch
  13. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
  14. command line
@@ -45,7 +45,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -1154,7 +1154,7 @@ def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor, special: SpecialTok
 
 
 # -----------------------------------------------------------------------------
-# 11. Loading: the checkpoint key map, from_pretrained, detect (with chunking of long label lists)
+# 11. Loading and saving: the checkpoint key map, from_pretrained, save_pretrained, chunking of long label lists
 
 # file key (after the prefix) -> our name: every matching rule rewrites it in turn; None drops the key on purpose.
 SWIN_RULES = [  # legacy (4.x Hub files) and 5.x names of the same tensors
@@ -1216,6 +1216,63 @@ def key_map_for(cfg: GroundingDinoConfig):
         return key.removeprefix("model.")  # the body: our names are transformers' names
 
     return key_map
+
+
+# Saving: our name -> the transformers key (key_map's inverse), the same rules read the other way
+SAVE_RULES = [
+    (r"^backbone\.patch_embed\.", "model.backbone.conv_encoder.model.embeddings.patch_embeddings.projection."),
+    (r"^backbone\.patch_norm\.", "model.backbone.conv_encoder.model.embeddings.norm."),
+    (r"^backbone\.stages\.", "model.backbone.conv_encoder.model.encoder.layers."),
+    (r"^backbone\.", "model.backbone.conv_encoder.model."),
+    (r"(\.blocks\.\d+)\.(query|key|value|relative_position_bias_table)\b", r"\1.attention.self.\2"),
+    (r"(\.blocks\.\d+)\.proj\.", r"\1.attention.output.dense."),
+    (r"(\.blocks\.\d+)\.fc1\.", r"\1.intermediate.dense."),
+    (r"(\.blocks\.\d+)\.fc2\.", r"\1.output.dense."),
+    (r"^text_backbone\.embeddings_norm\.", "model.text_backbone.embeddings.LayerNorm."),
+    (r"^text_backbone\.(\w+_embeddings)\.", r"model.text_backbone.embeddings.\1."),
+    (r"^text_backbone\.layers\.", "model.text_backbone.encoder.layer."),
+    (r"(\.layer\.\d+)\.(query|key|value)\.", r"\1.attention.self.\2."),
+    (r"(\.layer\.\d+)\.attention_dense\.", r"\1.attention.output.dense."),
+    (r"(\.layer\.\d+)\.attention_norm\.", r"\1.attention.output.LayerNorm."),
+    (r"(\.layer\.\d+)\.intermediate\.", r"\1.intermediate.dense."),
+    (r"(\.layer\.\d+)\.output\.", r"\1.output.dense."),
+    (r"(\.layer\.\d+)\.output_norm\.", r"\1.output.LayerNorm."),
+    (r"^(?!model\.|bbox_embed\.|class_embed\.)", "model."),  # the body: transformers' names under model.
+]
+
+
+def config_json(cfg: GroundingDinoConfig) -> dict:
+    """The config as a Hub config.json (backbone_config and text_config nested, unset head-sharing flags left out)."""
+    top = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("backbone", "text")}
+    arch = "MMGroundingDinoForObjectDetection" if cfg.is_mm else "GroundingDinoForObjectDetection"
+    return {"architectures": [arch],
+            **{k: v for k, v in top.items() if v is not None},
+            "backbone_config": {"model_type": "swin", **asdict(cfg.backbone)},
+            "text_config": {"model_type": "bert", **asdict(cfg.text)}}
+
+
+def save_pretrained(model: GroundingDino, folder: str | Path) -> None:
+    """Write config.json, model.safetensors (transformers' key names), tokenizer.json and preprocessor_config.json
+    (the model's resize and normalisation) to `folder`: what from_pretrained, and transformers, read."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    state = {apply_rules(k, SAVE_RULES): v.detach().contiguous() for k, v in ours.items()}
+    assert [key_map_for(model.cfg)(k) for k in state] == list(ours), "SAVE_RULES are not the key map's inverse"
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
+    model.tokenizer.save(str(folder / "tokenizer.json"))
+    p = model.preprocessor
+    pre = {"image_processor_type": "GroundingDinoImageProcessor", "processor_class": "GroundingDinoProcessor",
+           "do_resize": True, "size": {"shortest_edge": p["shortest"], "longest_edge": p["longest"]}, "resample": 2,
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p["mean"]),
+           "image_std": list(p["std"]), "do_pad": True}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+
+GroundingDino.save_pretrained = save_pretrained  # beside from_pretrained, defined here with the key map it inverts
 
 
 def read_preprocessor(folder: Path) -> dict:
