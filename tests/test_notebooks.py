@@ -1,13 +1,17 @@
-"""Every notebook in notebooks/ runs top to bottom, on the local reference checkpoints the model tests build.
+"""Every notebook in notebooks/ runs top to bottom, and what is committed of it came from trained weights.
 
-Each notebook takes its model from one environment variable (DFINE_MODEL, GDINO_MODEL) and ends every section
-with a check that raises, so a notebook that runs through is a notebook whose checks all passed. The kernel is
-this very interpreter (a kernel spec written to a temporary folder), so the test works wherever
-`pip install -r tests/requirements.txt` ran, whatever kernels Jupyter has installed. Committed notebooks carry no
-outputs: what they would show here comes from random weights.
+The walk-throughs take their model from one environment variable (DFINE_MODEL, GDINO_MODEL), here the models trained
+by this project (notebooks/models/), and end every section with a check that raises, so a notebook that runs through
+is a notebook whose checks all passed. The training notebooks run a smoke version (two steps, a few evaluation
+scenes) into a temporary folder. The kernel is this very interpreter (a kernel spec written to a temporary folder),
+so the test works wherever `pip install -r tests/requirements.txt` ran, whatever kernels Jupyter has installed.
+
+Committed notebooks carry their outputs: the walk-throughs' from the shipped models, the training notebooks' from the
+run that made those models (their default length); never outputs of random weights.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,28 +21,16 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-import gdino_reference
-from dfine_reference import checkpoint as dfine_checkpoint
-
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+MODELS = NOTEBOOKS / "models"
 CELL_TIMEOUT = 600  # seconds per cell; the first numba call compiles the CPU kernel, slow on a busy machine
 
-
-def env_dfine() -> dict[str, str]:
-    return {"DFINE_MODEL": str(dfine_checkpoint("n"))}  # nano: the fastest real D-FINE config
-
-
-def env_gdino() -> dict[str, str]:
-    # the small config test_gdino.py builds (same cache key): 32-wide Swin, 2-layer BERT, 50 queries, 320-pixel resize
-    folder = gdino_reference.checkpoint("gdino-small", gdino_reference.small_config(), temper=True,
-                                        size={"shortest_edge": 320, "longest_edge": 533})
-    return {"GDINO_MODEL": str(folder)}
-
-
-ENV = {  # notebook -> the environment it runs in (checkpoints built and cached on first use)
-    "dfine.ipynb": env_dfine,
-    "deformable_attention.ipynb": env_dfine,  # its inputs are what D-FINE's decoder hands the op
-    "grounding_dino.ipynb": env_gdino,
+ENV = {  # notebook -> (the environment it runs in here, a text its committed outputs must show)
+    "dfine.ipynb": ({"DFINE_MODEL": str(MODELS / "dfine-shapes")}, "dfine-shapes"),
+    "deformable_attention.ipynb": ({"DFINE_MODEL": str(MODELS / "dfine-shapes")}, "value ("),
+    "grounding_dino.ipynb": ({"GDINO_MODEL": str(MODELS / "gdino-shapes")}, "gdino-shapes"),
+    "train_dfine.ipynb": ({"DFINE_TRAIN_STEPS": "2"}, "1500 steps of 8 scenes"),  # + DFINE_TRAIN_OUT below
+    "train_gdino.ipynb": ({"GDINO_TRAIN_STEPS": "2"}, "3000 steps of 8 scenes"),
 }
 
 
@@ -56,18 +48,26 @@ def test_every_notebook_is_tested():
 
 
 @pytest.mark.parametrize("name", sorted(ENV))
-def test_committed_notebook_has_no_outputs(name):
+def test_committed_notebook_has_outputs_of_trained_weights(name):
+    """Executed top to bottom in order, no error, and from the shipped models (or the default-length training)."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, f"{name}: cells {dirty} carry outputs; clear them before committing"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{name}: run it top to bottom"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], f"{name}: committed with an error"
+    text = json.dumps([o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in outputs])
+    assert ENV[name][1] in text, f"{name}: outputs not from the shipped model or the default training"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: committed without its pictures"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ENV))
 def test_notebook_runs(name, tmp_path, monkeypatch):
-    for key, value in ENV[name]().items():
+    for key, value in ENV[name][0].items():
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    monkeypatch.setenv("DFINE_TRAIN_OUT", str(tmp_path / "dfine-out"))  # a smoke training never overwrites the models
+    monkeypatch.setenv("GDINO_TRAIN_OUT", str(tmp_path / "gdino-out"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(nb, km=kernel_manager(tmp_path), timeout=CELL_TIMEOUT,
