@@ -1,5 +1,6 @@
 """What Grounding DINO (gdino.py) and D-FINE (dfine.py) truly share, and nothing model-specific.
 
+0. command line: the options, checks and outputs both files' `main` share
 1. images: load_image (path, URL, PIL image or array; EXIF orientation; any mode to RGB)
 2. boxes: center <-> corners, inverse_sigmoid
 3. multi-scale deformable attention, readable PyTorch (kernels.py implements the same contract)
@@ -8,7 +9,6 @@
 6. stage dumps: save named tensors with metadata; `python common.py compare A B`
 7. training: labels checked, the Hungarian matcher (scipy), focal class cost, box IoU/GIoU, L1 and GIoU losses
 8. ONNX: export a forward (logits, pred_boxes) with named inputs; run the file in onnxruntime, inputs checked
-9. shape scenes: seeded synthetic images of 12 coloured shapes, the data the shipped small models learned from
 
 Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
 """
@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class InputError(ValueError):
@@ -40,19 +39,75 @@ class LoadError(RuntimeError):
     """A checkpoint that cannot be loaded as it is: the message names the file or the keys."""
 
 
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a command line: bad input or a bad checkpoint prints one line and exits 2, never a traceback."""
+def check_threshold(name: str, value: float) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"{name} must be between 0 and 1, got {value}")
+    return float(value)
+
+
+# -----------------------------------------------------------------------------
+# 0. Command line: what both files' `main` share. Detections go to stdout (JSON only, with --json); everything else
+#    ("saved ...", progress) to stderr; output folders are checked before the model loads; a user's mistake prints one
+#    line and exits 2, never a traceback.
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     try:
-        sys.exit(main() or 0)
+        sys.exit(main(argv) or 0)
     except (InputError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def check_threshold(name: str, value: float) -> float:
-    if not 0.0 <= float(value) <= 1.0:
-        raise InputError(f"{name} must be between 0 and 1, got {value}")
-    return float(value)
+def status(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cli_parser(description: str, default_model: str, threshold: float) -> argparse.ArgumentParser:
+    """The options both command lines take; each file adds what to detect (images, a prompt) and its own options."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=default_model, help="Hub id or local folder (config.json, model.safetensors)")
+    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    ap.add_argument("--threshold", type=float, default=threshold, help="keep detections scoring above this")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="deformable attention kernel")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    ap.add_argument("--nms", type=float, metavar="IOU", help="drop a box overlapping a better one of its label")
+    ap.add_argument("--top-k", type=int, help="keep the k best detections per image")
+    ap.add_argument("--save", metavar="OUT.png", help="draw the detections (of the first image) into this PNG")
+    ap.add_argument("--json", action="store_true", help="print the detections as JSON, and nothing else, on stdout")
+    ap.add_argument("--dump", metavar="STAGES.safetensors", help="save every stage's tensors (first image)")
+    ap.add_argument("--export-onnx", metavar="FILE", help="also write the model to this ONNX file")
+    return ap
+
+
+def check_cli_args(args: argparse.Namespace) -> None:
+    """Before any work: the threshold, and that the folder of every file to write exists."""
+    check_threshold("--threshold", args.threshold)
+    for out in (args.save, args.dump, args.export_onnx):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
+
+
+def detection_rows(labels: Sequence[str], label_ids, scores, boxes) -> list[dict]:
+    """One image's detections as JSON-ready rows: label, label_id, score (4 decimals), box xyxy (2 decimals)."""
+    return [{"label": lab, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+            for lab, i, s, b in zip(labels, label_ids, scores, boxes)]
+
+
+def write_cli_outputs(args: argparse.Namespace, image: Image.Image, rows: list[dict],
+                      stages: Callable[[], tuple[dict, torch.Tensor]], export: Callable[[str], None]) -> None:
+    """--save draws `rows` over `image`; --dump saves stages() = ({name: tensors}, the pixel input); --export-onnx."""
+    if args.save:
+        draw_detections(image, [r["box"] for r in rows], [r["label"] for r in rows], [r["score"] for r in rows],
+                        args.save)
+        status(f"saved {args.save}")
+    if args.dump:
+        tensors, pixels = stages()
+        save_stages(args.dump, tensors, args.model, args.revision, pixels)
+        status(f"saved {args.dump}")
+    if args.export_onnx:
+        export(args.export_onnx)
+        status(f"saved {args.export_onnx}")
 
 
 # -----------------------------------------------------------------------------
@@ -227,7 +282,8 @@ def check_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights, backend="auto"):
-    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device).
+    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device), except
+    while tracing.
 
     bfloat16/float16 inputs are sampled in float32 and the output cast back (transformers samples in the half dtype,
     but torch's CPU grid_sample in bfloat16 returns non-finite values for locations inside the map, and the kernels
@@ -235,7 +291,8 @@ def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, 
     if value.dtype in (torch.bfloat16, torch.float16):
         return ms_deform_attn(value.float(), spatial_shapes, points_per_level, sampling_locations.float(),
                               attention_weights.float(), backend).to(value.dtype)
-    if resolve_backend(backend, value.device) == "torch":
+    # a traced graph (ONNX export) holds the readable version's operations, whatever the model's backend
+    if torch.jit.is_tracing() or resolve_backend(backend, value.device) == "torch":
         return ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
     import kernels  # imported on first use: numba takes a second to import and the readable path needs none
 
@@ -611,86 +668,6 @@ class OnnxModel:
             feed[name] = x
         outs = self.session.run(None, feed)
         return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outs)}
-
-
-# -----------------------------------------------------------------------------
-# 9. Shape scenes: the synthetic data of notebooks/train_*.ipynb and of the models in notebooks/models/
-#
-# A smooth two-colour gradient with noise and faint strokes as background, then 1-8 filled shapes, each a colour and
-# a shape of SHAPE_PHRASES (class id = index), sides 5-40% of the short side, drawn at twice the size and shrunk (so
-# edges are anti-aliased). Shapes may overlap a little and be cut by the border; the box is the visible part's.
-
-SHAPE_COLOURS = {"red": (215, 40, 35), "green": (40, 160, 60), "blue": (35, 75, 215), "yellow": (240, 205, 30)}
-SHAPE_KINDS = ("circle", "square", "triangle")
-SHAPE_PHRASES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # "red circle", ..., "yellow triangle"
-
-
-def shape_outline(kind: str, cx: float, cy: float, side: float, angle: float) -> list[tuple[float, float]]:
-    """The polygon of a shape (a circle as 64 points): a square turned by `angle`, an equilateral triangle of that
-    side turned by `angle` around its centroid."""
-    n, r = {"circle": (64, side / 2), "square": (4, side / math.sqrt(2)), "triangle": (3, side / math.sqrt(3))}[kind]
-    a = angle + np.arange(n) * (2 * math.pi / n) + (math.pi / 4 if kind == "square" else 0.0)
-    return list(zip((cx + r * np.cos(a)).tolist(), (cy + r * np.sin(a)).tolist()))
-
-
-def shape_background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """Muted colours (so that no shape colour is the background's): a linear gradient, blurred noise, faint strokes."""
-    c0, c1 = rng.uniform(70, 190, 3), rng.uniform(70, 190, 3)  # (3,) each
-    t = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)  # (h, w) each
-    g = (np.cos(t) * xx + np.sin(t) * yy)[..., None]  # (h, w, 1) position along the gradient
-    g = (g - g.min()) / max(np.ptp(g), 1e-6)
-    img = c0 * (1 - g) + c1 * g  # (h, w, 3)
-    blotches = rng.normal(0, 1, (max(h // 16, 2), max(w // 16, 2), 3))  # coarse noise, upsampled: soft texture
-    img += 18 * np.asarray(Image.fromarray(((blotches + 4) * 32).clip(0, 255).astype(np.uint8)).resize(
-        (w, h), Image.BICUBIC), dtype=np.float64) / 32 - 18 * 4
-    img += rng.normal(0, 6, (h, w, 3))  # fine grain
-    pic = Image.fromarray(img.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pic)
-    for _ in range(rng.integers(2, 7)):  # strokes: edges that are not objects
-        x0, y0, x1, y1 = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, h)
-        grey = tuple(int(v) for v in rng.uniform(60, 200, 3))
-        draw.line([(x0, y0), (x1, y1)], fill=grey, width=int(rng.integers(1, 4)))
-    return pic.filter(ImageFilter.GaussianBlur(0.6))
-
-
-def shape_scene(seed: int, size: tuple[int, int] = (320, 320), max_shapes: int = 8) -> dict:
-    """One seeded scene -> {"image": PIL RGB of size (width, height), "boxes": (n, 4) float32 xyxy pixels,
-    "class_ids": (n,) int64 indices into SHAPE_PHRASES, "phrases": n strings}. The same seed gives the same scene."""
-    w, h = size
-    rng = np.random.default_rng(seed)
-    bg = shape_background(rng, w, h)
-    canvas = Image.new("RGB", (2 * w, 2 * h))  # shapes drawn at 2x on a transparent layer, then shrunk
-    alpha = Image.new("L", (2 * w, 2 * h), 0)
-    dc, da = ImageDraw.Draw(canvas), ImageDraw.Draw(alpha)
-    short = min(w, h)
-    boxes, ids, n = [], [], int(rng.integers(1, max_shapes + 1))
-    area = lambda b: (b[..., 2:] - b[..., :2]).prod(-1)  # noqa: E731
-    for _ in range(200):  # tries: a shape mostly cut off or covering another is drawn again elsewhere
-        if len(boxes) == n:
-            break
-        cls = int(rng.integers(len(SHAPE_PHRASES)))
-        kind = SHAPE_KINDS[cls % 3]
-        side = rng.uniform(0.05, 0.40) * short
-        cx, cy = rng.uniform(-0.2 * side, w + 0.2 * side), rng.uniform(-0.2 * side, h + 0.2 * side)
-        pts = np.array(shape_outline(kind, cx, cy, side, rng.uniform(0, 2 * math.pi)))  # (n, 2)
-        full = np.concatenate([pts.min(0), pts.max(0)])  # (4,) xyxy before the border cuts it
-        box = np.concatenate([np.maximum(full[:2], 0), np.minimum(full[2:], [w, h])])
-        if area(box) < 0.6 * area(full):  # mostly cut off
-            continue
-        if boxes:  # overlap a little at most: no box, old or new, covered by more than 20%
-            b = np.array(boxes)  # (k, 4)
-            inter = (np.minimum(b[:, 2:], box[2:]) - np.maximum(b[:, :2], box[:2])).clip(0).prod(1)  # (k,)
-            if (inter > 0.2 * np.minimum(area(b), area(box))).any():
-                continue
-        colour = np.array(SHAPE_COLOURS[SHAPE_PHRASES[cls].split()[0]]) + rng.integers(-20, 21, 3)
-        dc.polygon([(2 * x, 2 * y) for x, y in pts], fill=tuple(int(v) for v in colour.clip(0, 255)))
-        da.polygon([(2 * x, 2 * y) for x, y in pts], fill=255)
-        boxes.append(box), ids.append(cls)
-    shapes = canvas.resize((w, h), Image.BOX)
-    img = Image.composite(shapes, bg, alpha.resize((w, h), Image.BOX))
-    return {"image": img, "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            "class_ids": np.array(ids, dtype=np.int64), "phrases": [SHAPE_PHRASES[i] for i in ids]}
 
 
 def _main() -> int:

@@ -28,11 +28,9 @@ nH heads, hD head dim, d model width, K classes, N bins (max_num_bins = 32, so N
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -1282,54 +1280,33 @@ DFine.export_onnx = export_onnx  # a method of the model, defined here to keep t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="D-FINE object detection (80 COCO or 366 Objects365 classes).")
+    ap = common.cli_parser("D-FINE object detection (80 COCO or 366 Objects365 classes).",
+                           "ustc-community/dfine-large-coco", 0.5)
     ap.add_argument("images", nargs="+", help="image files or http(s) URLs")
-    ap.add_argument("--model", default="ustc-community/dfine-large-coco", help="Hub id or local folder")
-    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="keep detections with score > this")
-    ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
     ap.add_argument("--fast", action="store_true", help="fold batch norms, channels-last convs: not bit-exact")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
-    ap.add_argument("--nms", type=float, metavar="IOU", help="drop a box overlapping a better one of its class")
-    ap.add_argument("--top-k", type=int, help="keep the k best detections per image")
-    ap.add_argument("--save", help="draw the detections of the first image into this PNG")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of one line per detection")
-    ap.add_argument("--dump", help="save every stage's tensors (first image) to this .safetensors file")
-    ap.add_argument("--export-onnx", metavar="FILE", help="also write the model to this ONNX file (section 12)")
     args = ap.parse_args(argv)
-    common.check_threshold("--threshold", args.threshold)
-    for out in (args.save, args.dump, args.export_onnx):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
+    common.check_cli_args(args)
     images = [common.load_image(p) for p in args.images]
     model = DFine.from_pretrained(args.model, args.revision, args.backend, getattr(torch, args.dtype))
     if args.fast:
         model = fast_inference(model)
     results = model.detect(images, args.threshold, args.nms, args.top_k)
+    rows = [common.detection_rows(r["names"], r["labels"], r["scores"], r["boxes"]) for r in results]
     if args.json:
-        print(json.dumps([{"image": str(p), "detections": [
-            {"label": n, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
-            for n, i, s, b in zip(r["names"], r["labels"], r["scores"], r["boxes"])]}
-            for p, r in zip(args.images, results)], indent=1))
+        print(json.dumps([{"image": str(p), "detections": d} for p, d in zip(args.images, rows)], indent=1))
     else:
-        for p, r in zip(args.images, results):
-            for n, s, b in zip(r["names"], r["scores"], r["boxes"]):
-                print(f"{p}: {n:<14} {float(s):.3f}  [" + ", ".join(f"{float(v):.1f}" for v in b) + "]")
-            if not len(r["scores"]):
+        for p, dets in zip(args.images, rows):
+            for d in dets:
+                print(f"{p}: {d['label']:<14} {d['score']:.3f}  {d['box']}")
+            if not dets:
                 print(f"{p}: no detection above {args.threshold}")
-    if args.save:
-        r = results[0]
-        common.draw_detections(images[0], r["boxes"], r["names"], r["scores"], args.save)
-        print(f"saved {args.save}", file=sys.stderr)  # stderr: stdout stays pure JSON with --json
-    if args.dump:
+
+    def stages():
         pixels = preprocess(images[:1], model.input_size).to(model.enc_score_head.weight.dtype)
         with torch.inference_mode():
-            stages = model(pixels, return_stages=True).stages
-        common.save_stages(args.dump, stages, args.model, args.revision, pixels)
-        print(f"saved {args.dump}", file=sys.stderr)
-    if args.export_onnx:
-        model.export_onnx(args.export_onnx)
-        print(f"saved {args.export_onnx}", file=sys.stderr)
+            return model(pixels, return_stages=True).stages, pixels
+
+    common.write_cli_outputs(args, images[0], rows[0], stages, model.export_onnx)
     return 0
 
 

@@ -38,7 +38,6 @@ level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -1627,27 +1626,15 @@ GroundingDino.export_onnx = export_onnx  # a method of the model, defined here t
 # 14. Command line
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description="Open-set detection: boxes for the phrases of a text prompt.")
+def main(argv: list[str] | None = None) -> int:
+    ap = common.cli_parser("Open-set detection: boxes for the phrases of a text prompt.", DEFAULT_MODEL, 0.25)
     ap.add_argument("image", help="image path or URL")
     ap.add_argument("prompt", help="phrases ending in '.', e.g. \"a cat. a remote control.\"")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder (config.json, model.safetensors)")
-    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    ap.add_argument("--threshold", type=float, default=0.25, help="keep boxes whose best token scores above this")
     ap.add_argument("--text-threshold", type=float, default=0.25, help="tokens above this form the label")
-    ap.add_argument("--save", metavar="OUT.png", help="draw the detections over the image")
-    ap.add_argument("--json", action="store_true", help="print detections as JSON")
-    ap.add_argument("--dump", metavar="STAGES.safetensors",
-                    help="save every stage's tensors (of the first chunk, for a prompt over 256 tokens)")
-    ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="deformable attention kernel")
     ap.add_argument("--size", type=int, nargs=2, metavar=("SHORTEST", "LONGEST"),
                     help="resize edges (default: the checkpoint's, 800 1333): smaller is faster")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
-    ap.add_argument("--nms", type=float, metavar="IOU", help="drop a box overlapping a better one of its label")
-    ap.add_argument("--top-k", type=int, help="keep the k best detections")
-    ap.add_argument("--export-onnx", metavar="FILE", help="also write the model to this ONNX file (section 13)")
-    args = ap.parse_args()
-    check_threshold("--threshold", args.threshold)
+    args = ap.parse_args(argv)
+    common.check_cli_args(args)
     check_threshold("--text-threshold", args.text_threshold)
     image = load_image(args.image)
     model = GroundingDino.from_pretrained(args.model, args.revision, args.backend, getattr(torch, args.dtype))
@@ -1655,28 +1642,23 @@ def main() -> int:
     size = tuple(args.size) if args.size else None
     r = model.detect(image, args.prompt, args.threshold, args.text_threshold, size, args.nms, args.top_k)
     seconds = time.perf_counter() - t0
-    dets = [{"label": lab, "label_id": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
-            for lab, i, s, b in zip(r["labels"], r["label_ids"], r["scores"], r["boxes"])]
+    rows = common.detection_rows(r["labels"], r["label_ids"], r["scores"], r["boxes"])
     if args.json:
-        print(json.dumps({"image": args.image, "prompt": args.prompt, "model": args.model, "detections": dets}))
+        print(json.dumps({"image": args.image, "prompt": args.prompt, "model": args.model, "detections": rows}))
     else:
-        for d in dets:
+        for d in rows:
             print(f"{d['label']:<24} {d['score']:.3f}  {d['box']}")
-        print(f"{len(dets)} detections in {seconds:.1f} s")
-    if args.save:
-        common.draw_detections(image, r["boxes"], r["labels"], r["scores"], args.save)
-    if args.dump:
+        common.status(f"{len(rows)} detections in {seconds:.1f} s")
+
+    def stages():  # the first chunk's, for a prompt over max_text_len tokens
         enc = model.encode_image(image, size)
-        pixel_values, pixel_mask = enc.pixel_values, enc.pixel_mask
         tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)[:1])
         with torch.inference_mode():
-            out = model(pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], pixel_mask,
-                        return_stages=True, backbone_maps=enc.maps)
-        common.save_stages(args.dump, {"pixel_values": pixel_values, "input_ids": tok["input_ids"], **out.stages},
-                    args.model, args.revision, pixel_values)
-    if args.export_onnx:
-        model.export_onnx(args.export_onnx)
-        print(f"saved {args.export_onnx}")
+            out = model(enc.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
+                        enc.pixel_mask, return_stages=True, backbone_maps=enc.maps)
+        return {"pixel_values": enc.pixel_values, "input_ids": tok["input_ids"], **out.stages}, enc.pixel_values
+
+    common.write_cli_outputs(args, image, rows, stages, model.export_onnx)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Shape scenes as training batches and a COCO evaluation, for the small models trained here (train_*.ipynb) and
-their tests (tests/test_shapes.py). The scenes themselves are common.shape_scene.
+their tests (tests/test_shapes.py): the scenes themselves (shape_scene), then batches and the evaluation.
 
 Seeds: training batch t uses scenes t*B .. t*B + B-1; validation scenes start at VAL_SEED, test scenes at TEST_SEED,
 so the three never share an image. mAP comes from pycocotools (the COCO API), not from code of our own.
@@ -14,11 +14,95 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFilter
 
 import common
 import dfine
 import gdino
-from common import SHAPE_PHRASES, shape_scene
+
+# -----------------------------------------------------------------------------
+# Shape scenes: the synthetic data of train_*.ipynb and of the models in notebooks/models/
+#
+# A smooth two-colour gradient with noise and faint strokes as background, then 1-8 filled shapes, each a colour and
+# a shape of SHAPE_PHRASES (class id = index), sides 5-40% of the short side, drawn at twice the size and shrunk (so
+# edges are anti-aliased). Shapes may overlap a little and be cut by the border; the box is the visible part's.
+
+SHAPE_COLOURS = {"red": (215, 40, 35), "green": (40, 160, 60), "blue": (35, 75, 215), "yellow": (240, 205, 30)}
+SHAPE_KINDS = ("circle", "square", "triangle")
+SHAPE_PHRASES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # "red circle", ..., "yellow triangle"
+
+
+def shape_outline(kind: str, cx: float, cy: float, side: float, angle: float) -> list[tuple[float, float]]:
+    """The polygon of a shape (a circle as 64 points): a square turned by `angle`, an equilateral triangle of that
+    side turned by `angle` around its centroid."""
+    n, r = {"circle": (64, side / 2), "square": (4, side / math.sqrt(2)), "triangle": (3, side / math.sqrt(3))}[kind]
+    a = angle + np.arange(n) * (2 * math.pi / n) + (math.pi / 4 if kind == "square" else 0.0)
+    return list(zip((cx + r * np.cos(a)).tolist(), (cy + r * np.sin(a)).tolist()))
+
+
+def shape_background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """Muted colours (so that no shape colour is the background's): a linear gradient, blurred noise, faint strokes."""
+    c0, c1 = rng.uniform(70, 190, 3), rng.uniform(70, 190, 3)  # (3,) each
+    t = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)  # (h, w) each
+    g = (np.cos(t) * xx + np.sin(t) * yy)[..., None]  # (h, w, 1) position along the gradient
+    g = (g - g.min()) / max(np.ptp(g), 1e-6)
+    img = c0 * (1 - g) + c1 * g  # (h, w, 3)
+    blotches = rng.normal(0, 1, (max(h // 16, 2), max(w // 16, 2), 3))  # coarse noise, upsampled: soft texture
+    img += 18 * np.asarray(Image.fromarray(((blotches + 4) * 32).clip(0, 255).astype(np.uint8)).resize(
+        (w, h), Image.BICUBIC), dtype=np.float64) / 32 - 18 * 4
+    img += rng.normal(0, 6, (h, w, 3))  # fine grain
+    pic = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pic)
+    for _ in range(rng.integers(2, 7)):  # strokes: edges that are not objects
+        x0, y0, x1, y1 = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, h)
+        grey = tuple(int(v) for v in rng.uniform(60, 200, 3))
+        draw.line([(x0, y0), (x1, y1)], fill=grey, width=int(rng.integers(1, 4)))
+    return pic.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def shape_scene(seed: int, size: tuple[int, int] = (320, 320), max_shapes: int = 8) -> dict:
+    """One seeded scene -> {"image": PIL RGB of size (width, height), "boxes": (n, 4) float32 xyxy pixels,
+    "class_ids": (n,) int64 indices into SHAPE_PHRASES, "phrases": n strings}. The same seed gives the same scene."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    bg = shape_background(rng, w, h)
+    canvas = Image.new("RGB", (2 * w, 2 * h))  # shapes drawn at 2x on a transparent layer, then shrunk
+    alpha = Image.new("L", (2 * w, 2 * h), 0)
+    dc, da = ImageDraw.Draw(canvas), ImageDraw.Draw(alpha)
+    short = min(w, h)
+    boxes, ids, n = [], [], int(rng.integers(1, max_shapes + 1))
+    area = lambda b: (b[..., 2:] - b[..., :2]).prod(-1)  # noqa: E731
+    for _ in range(200):  # tries: a shape mostly cut off or covering another is drawn again elsewhere
+        if len(boxes) == n:
+            break
+        cls = int(rng.integers(len(SHAPE_PHRASES)))
+        kind = SHAPE_KINDS[cls % 3]
+        side = rng.uniform(0.05, 0.40) * short
+        cx, cy = rng.uniform(-0.2 * side, w + 0.2 * side), rng.uniform(-0.2 * side, h + 0.2 * side)
+        pts = np.array(shape_outline(kind, cx, cy, side, rng.uniform(0, 2 * math.pi)))  # (n, 2)
+        full = np.concatenate([pts.min(0), pts.max(0)])  # (4,) xyxy before the border cuts it
+        box = np.concatenate([np.maximum(full[:2], 0), np.minimum(full[2:], [w, h])])
+        if area(box) < 0.6 * area(full):  # mostly cut off
+            continue
+        if boxes:  # overlap a little at most: no box, old or new, covered by more than 20%
+            b = np.array(boxes)  # (k, 4)
+            inter = (np.minimum(b[:, 2:], box[2:]) - np.maximum(b[:, :2], box[:2])).clip(0).prod(1)  # (k,)
+            if (inter > 0.2 * np.minimum(area(b), area(box))).any():
+                continue
+        colour = np.array(SHAPE_COLOURS[SHAPE_PHRASES[cls].split()[0]]) + rng.integers(-20, 21, 3)
+        dc.polygon([(2 * x, 2 * y) for x, y in pts], fill=tuple(int(v) for v in colour.clip(0, 255)))
+        da.polygon([(2 * x, 2 * y) for x, y in pts], fill=255)
+        boxes.append(box), ids.append(cls)
+    shapes = canvas.resize((w, h), Image.BOX)
+    img = Image.composite(shapes, bg, alpha.resize((w, h), Image.BOX))
+    return {"image": img, "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
+            "class_ids": np.array(ids, dtype=np.int64), "phrases": [SHAPE_PHRASES[i] for i in ids]}
+
+
+
+# -----------------------------------------------------------------------------
+# Batches, evaluation and training
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
 FULL_PROMPT = ". ".join(SHAPE_PHRASES) + "."  # the 12 phrases in class order: phrase k is class k

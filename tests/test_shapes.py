@@ -47,12 +47,12 @@ def gdino_shapes():
 
 
 def test_scenes_are_seeded_and_well_formed():
-    a, b, c = common.shape_scene(7), common.shape_scene(7), common.shape_scene(8)
+    a, b, c = shapes.shape_scene(7), shapes.shape_scene(7), shapes.shape_scene(8)
     assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) and np.array_equal(a["boxes"], b["boxes"])
     assert not np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
     counts, classes = [], set()
     for seed in range(300):
-        s = common.shape_scene(seed, (200, 120))  # (width, height): any size, not only square
+        s = shapes.shape_scene(seed, (200, 120))  # (width, height): any size, not only square
         assert s["image"].size == (200, 120) and s["image"].mode == "RGB"
         n = len(s["boxes"])
         assert s["boxes"].shape == (n, 4) and s["class_ids"].shape == (n,) and len(s["phrases"]) == n
@@ -60,7 +60,7 @@ def test_scenes_are_seeded_and_well_formed():
         assert (s["boxes"][:, 2:] > s["boxes"][:, :2]).all()
         side = np.maximum(s["boxes"][:, 2] - s["boxes"][:, 0], s["boxes"][:, 3] - s["boxes"][:, 1])
         assert (side >= 0.05 * 120 * 0.7).all() and (side <= 0.40 * 120 * 1.5).all()  # 5-40%, a square's diagonal
-        assert [common.SHAPE_PHRASES[i] for i in s["class_ids"]] == s["phrases"]
+        assert [shapes.SHAPE_PHRASES[i] for i in s["class_ids"]] == s["phrases"]
         counts.append(n)
         classes.update(s["class_ids"].tolist())
     assert min(counts) == 1 and max(counts) == 8 and classes == set(range(12))
@@ -69,11 +69,11 @@ def test_scenes_are_seeded_and_well_formed():
 def test_a_shape_is_where_its_box_says():
     """The box's centre pixel region carries the shape's colour, far from the background's muted tones."""
     for seed in range(40):
-        s = common.shape_scene(seed)
+        s = shapes.shape_scene(seed)
         img = np.asarray(s["image"]).astype(int)
         for (x0, y0, x1, y1), phrase in zip(s["boxes"], s["phrases"]):
             cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-            want = np.array(common.SHAPE_COLOURS[phrase.split()[0]])
+            want = np.array(shapes.SHAPE_COLOURS[phrase.split()[0]])
             if phrase.endswith("triangle"):  # a triangle's box centre can be outside it; its centroid is inside
                 continue
             if x1 - x0 < 12 or cx >= img.shape[1] or cy >= img.shape[0]:
@@ -154,7 +154,7 @@ def test_save_pretrained_round_trip(tmp_path, dfine_shapes, gdino_shapes):
 
 def truth_of_scene() -> dict:
     meta = json.loads(SCENE.with_suffix(".json").read_text())
-    s = common.shape_scene(meta["seed"], tuple(meta["size"]))
+    s = shapes.shape_scene(meta["seed"], tuple(meta["size"]))
     assert np.array_equal(np.asarray(s["image"]), np.asarray(common.load_image(SCENE)))  # the file is that scene
     return s
 
@@ -181,11 +181,11 @@ def test_cli_dfine_finds_the_scene(tmp_path):
 
 def test_cli_gdino_finds_the_scene(tmp_path):
     truth = truth_of_scene()
-    prompt = ". ".join(common.SHAPE_PHRASES) + "."
+    prompt = ". ".join(shapes.SHAPE_PHRASES) + "."
     r = subprocess.run([sys.executable, "gdino.py", SCENE, prompt, "--model", GDINO_SHAPES, "--json", "--save",
                         tmp_path / "out.png"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     dets = json.loads(r.stdout)["detections"]
-    shapes_found, right = found([d["box"] for d in dets], [common.SHAPE_PHRASES[d["label_id"]] for d in dets], truth)
+    shapes_found, right = found([d["box"] for d in dets], [shapes.SHAPE_PHRASES[d["label_id"]] for d in dets], truth)
     assert shapes_found >= len(truth["boxes"]) - 1 and right >= 0.7 * len(dets), (dets, truth["phrases"])
     assert (tmp_path / "out.png").stat().st_size > 10_000
