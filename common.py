@@ -296,8 +296,7 @@ def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, 
         return ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
     import kernels  # imported on first use: numba takes a second to import and the readable path needs none
 
-    # the last argument, the readable version, gives the kernels' gradients its memory layout (kernels.py imports
-    # nothing of ours)
+    # the readable version last: the kernels' gradients take its memory layout (kernels.py imports nothing of ours)
     return kernels.ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights,
                                   ms_deform_attn_torch)
 
