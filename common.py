@@ -296,7 +296,9 @@ def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, 
         return ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
     import kernels  # imported on first use: numba takes a second to import and the readable path needs none
 
-    return kernels.ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
+    # the readable version last: the kernels' gradients take its memory layout (kernels.py imports nothing of ours)
+    return kernels.ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights,
+                                  ms_deform_attn_torch)
 
 
 # -----------------------------------------------------------------------------
@@ -589,7 +591,8 @@ def box_losses(src_boxes: torch.Tensor, target_boxes: torch.Tensor, num_boxes: f
 # ops, so dimensions declared dynamic stay dynamic; a `torch.tensor([...])` built from sizes becomes a constant (the
 # files' export sections say how they avoid that). The dynamo exporter exports D-FINE too but takes ten times
 # longer. The graph's dimension names are the runner's contract: "batch", "height", "width", "tokens"; numbers are
-# fixed sizes.
+# fixed sizes. So is the metadata it reads: "size_multiple" (of height and width), "max_<dimension>" (a bound, such
+# as max_tokens) with "max_<dimension>_hint" (what to do beyond it), "fixed" (what to do about a fixed size).
 
 ONNX_OPSET = 17
 
@@ -628,7 +631,7 @@ def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str
 
 class OnnxModel:
     """An exported file in onnxruntime (CPU). Calling it with the forward's inputs (tensors or arrays) checks them
-    against the graph (names, ranks, dtypes, fixed sizes, multiples) and returns {"logits", "pred_boxes"} as
+    against the graph (names, ranks, dtypes, fixed sizes, multiples, bounds) and returns {"logits", "pred_boxes"} as
     tensors, ready for the files' post-processing; a wrong input gets an InputError, not an onnxruntime crash."""
 
     DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
@@ -646,26 +649,25 @@ class OnnxModel:
     def __call__(self, **inputs) -> dict[str, torch.Tensor]:
         if set(inputs) != set(self.inputs):
             raise InputError(f"the graph takes {list(self.inputs)}; got {list(inputs)}")
-        feed, sizes = {}, {}
-        for name, x in inputs.items():
-            x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-            port = self.inputs[name]
+        feed, sizes = {}, {}  # sizes: a named dimension's size in the first input that has it
+        for name, port in self.inputs.items():  # the graph's declared inputs: rank, dtype, dimensions
+            x = inputs[name]
+            x = feed[name] = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
             if x.ndim != len(port.shape) or x.dtype != self.DTYPES[port.type]:
                 raise InputError(f"{name} must be {len(port.shape)}-D {np.dtype(self.DTYPES[port.type])}, got "
                                  f"{x.shape} {x.dtype}")
-            for axis, (want, got) in enumerate(zip(port.shape, x.shape)):
-                if isinstance(want, int) and want != got:
+            for axis, (dim, got) in enumerate(zip(port.shape, x.shape)):
+                if isinstance(dim, int) and got != dim:
                     raise InputError(f"this graph was exported with {name} of shape {port.shape} and takes only "
-                                     f"size {want} in dimension {axis}; got {x.shape}. "
+                                     f"size {dim} in dimension {axis}; got {x.shape}. "
                                      f"{self.metadata.get('fixed', '')}".strip())
-                if want in ("height", "width") and got % self.multiple:
-                    raise InputError(f"{name} {want} must be a multiple of {self.multiple}, got {x.shape}")
-                if want == "tokens" and got > int(self.metadata.get("max_tokens", got)):
-                    raise InputError(f"{name} has {got} tokens; the graph reads at most {self.metadata['max_tokens']} "
-                                     f"(split long label lists with gdino.chunk_prompt)")
-                if isinstance(want, str) and sizes.setdefault(want, got) != got:
-                    raise InputError(f"{name} has {want} {got} where another input has {sizes[want]}")
-            feed[name] = x
+                if dim in ("height", "width") and got % self.multiple:
+                    raise InputError(f"{name} {dim} must be a multiple of {self.multiple}, got {x.shape}")
+                if got > int(self.metadata.get(f"max_{dim}", got)):  # a bound the export set, with its hint if any
+                    raise InputError(f"{name} has {got} {dim}; the graph reads at most {self.metadata[f'max_{dim}']}. "
+                                     f"{self.metadata.get(f'max_{dim}_hint', '')}".strip())
+                if isinstance(dim, str) and sizes.setdefault(dim, got) != got:
+                    raise InputError(f"{name} has {dim} {got} where another input has {sizes[dim]}")
         outs = self.session.run(None, feed)
         return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outs)}
 

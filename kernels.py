@@ -6,11 +6,14 @@ speed: the readable version copies each level's values into images, and grid_sam
 (B*nH, hD, Q, P), before it is weighted and summed; a kernel reads the four neighbours of each point and adds them
 straight into the output.
 
-0. the sampling rule, then the rounding the CPU kernels copy from torch (why, under its own banner)
+0. the sampling rule, in words and in code (bilinear), then the rounding the CPU kernels copy from torch
 1. Numba CPU: forward threads take blocks of queries, all heads together; backward one thread per (batch, head)
 2. Numba CUDA: forward one thread per output channel, backward one thread per point with atomic adds into the
    value gradient; launch functions take device arrays (numba's, or anything with __cuda_array_interface__)
-3. autograd Function and the entry point ms_deform_attn (torch tensors in, torch tensors out); `--bench`
+3. autograd Function and the entry point ms_deform_attn (torch tensors in, torch tensors out)
+
+This file imports nothing of ours (common.py imports it, on first use): where the readable version matters, the
+gradients' memory layout, common passes it in. `python tests/benchmark.py --kernels` times both at the models' shapes.
 
 Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
 Contract (as common.py): value (B, S, nH, hD), spatial_shapes [(H_l, W_l)] * L, points_per_level [P_l] * L,
@@ -19,14 +22,9 @@ sampling_locations (B, Q, nH, P, 2) with x, y in [0, 1] (outside allowed), point
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import math
-import os
-import statistics
-import time
+from typing import Callable
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -55,6 +53,37 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 #   - a neighbour outside the map reads as zero and gets no gradient. A location with ix < -1, ix >= W, iy < -1 or
 #     iy >= H adds nothing; at ix = -1 exactly the east neighbours weigh 0: they add nothing to the output but do to
 #     the location's gradient, as in grid_sample.
+
+
+@njit(cache=True)
+def pixel(x, size, t):
+    """The rule's first line: location x -> pixel coordinate x * size - 0.5, rounded once to dtype t (a number type).
+
+    Compiled on its own without fast-math, so no caller's fastmath can fold ((2x - 1) + 1) into 2x; the CUDA
+    kernels call it too (numba compiles it for the GPU)."""
+    return t((t(2) * x - t(1) + t(1)) * (size / 2) - 0.5)
+
+
+@njit(cache=True, forceinline=True)
+def bilinear(x, y, H, W, t):
+    """The rule at location (x, y) of an H x W level, for every kernel here -> (fx, fy, offsets, weights, inside), the
+    last three 4-tuples over the neighbours nw, ne, sw, se: offset y * W + x in the level, weight, inside the map.
+
+    A neighbour outside weighs 0 and its offset is moved into the map, so a kernel may read its row and add nothing
+    instead of branching per channel; `inside` tells the backward which rows read as zero. Inlined (a call per point
+    cost the CPU forward ~7%); numba compiles it for the GPU too, as pixel."""
+    ix, iy = pixel(x, W, t), pixel(y, H, t)
+    if not (-1 <= ix < W and -1 <= iy < H):  # no neighbour inside: at (-1, -1) all four weigh 0, and the floor is
+        ix, iy = t(-1), t(-1)  # an int (also for inf and NaN)
+    x0, y0 = int(floor(ix)), int(floor(iy))  # exact, ix in [-1, W)
+    fx, fy = ix - t(x0), iy - t(y0)
+    in_x0, in_x1, in_y0, in_y1 = x0 >= 0, x0 + 1 < W, y0 >= 0, y0 + 1 < H  # x0 in [-1, W - 1], so one side each
+    wx0, wx1 = (t(1) - fx if in_x0 else t(0)), (fx if in_x1 else t(0))
+    wy0, wy1 = (t(1) - fy if in_y0 else t(0)), (fy if in_y1 else t(0))
+    xa, xb = (x0 if in_x0 else 0), (x0 + 1 if in_x1 else W - 1)  # the nearest column inside (max and min do
+    ya, yb = (y0 if in_y0 else 0) * W, (y0 + 1 if in_y1 else H - 1) * W  # not compile for the GPU from here)
+    return (fx, fy, (ya + xa, ya + xb, yb + xa, yb + xb), (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1),
+            (in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1))
 
 
 # -----------------------------------------------------------------------------
@@ -91,19 +120,19 @@ def level_table(spatial_shapes, points_per_level) -> np.ndarray:
 SUM_VECTOR_BYTES = 32  # torch's AVX2 vector, whose width sets its sum's order
 
 
-@njit(cache=True)
-def pixel(x, size, t):
-    """The rule's first line: location x -> pixel coordinate x * size - 0.5, rounded once to dtype t (a number type).
-
-    Compiled on its own without fast-math, so no caller's fastmath can fold ((2x - 1) + 1) into 2x; the CUDA
-    kernels call it too (numba compiles it for the GPU)."""
-    return t((t(2) * x - t(1) + t(1)) * (size / 2) - 0.5)
-
-
 @intrinsic
 def fma(typingctx, a, b, c):
     """a * b + c rounded once: LLVM's fma, which numba does not offer and LLVM never forms from a * b + c itself."""
     return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
+
+
+@intrinsic
+def floor(typingctx, x):
+    """LLVM's floor, one instruction on x86 and on GPUs: numba's math.floor calls the C library on the CPU, and
+    np.floor has no CUDA version."""
+    def codegen(context, builder, sig, args):
+        return builder.call(builder.module.declare_intrinsic("llvm.floor", [args[0].type]), args)
+    return x(x), codegen
 
 
 @njit(cache=True)
@@ -173,20 +202,9 @@ def cpu_forward(value, levels, loc, attn, out):
             for h in range(nH):
                 for p in range(P):
                     H, W, start = point_level[p, 0], point_level[p, 1], point_level[p, 2]
-                    ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
-                    if not (-1 <= ix < W and -1 <= iy < H):  # no neighbour inside: at (-1, -1) all four weigh 0
-                        ix, iy = t(-1), t(-1)
-                    x0, y0 = int(np.floor(ix)), int(np.floor(iy))  # exact, ix in [-1, W); math.floor would be a call
-                    fx, fy = ix - t(x0), iy - t(y0)
-                    # a neighbour outside weighs 0 and borrows a token inside: no branch per channel
-                    wx0, wx1 = (t(1) - fx if x0 >= 0 else t(0)), (fx if x0 + 1 < W else t(0))
-                    wy0, wy1 = (t(1) - fy if y0 >= 0 else t(0)), (fy if y0 + 1 < H else t(0))
-                    xa, xb = start + max(x0, 0), start + min(x0 + 1, W - 1)
-                    ya, yb = max(y0, 0) * W, min(y0 + 1, H - 1) * W
-                    tokens[p, 0], tokens[p, 1], tokens[p, 2], tokens[p, 3] = ya + xa, ya + xb, yb + xa, yb + xb
-                    w = weights[p]  # (4,) view: nw, ne, sw, se
-                    w[0], w[1], w[2], w[3] = wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1
-                    for corner in range(4):  # the row's first and last cache lines: all of it up to 128 bytes
+                    _, _, offsets, ws, _ = bilinear(loc[b, q, h, p, 0], loc[b, q, h, p, 1], H, W, t)
+                    for corner in range(4):  # prefetch the row's first and last cache lines: all of it up to 128 bytes
+                        tokens[p, corner], weights[p, corner] = start + offsets[corner], ws[corner]
                         prefetch(value, (b, tokens[p, corner], h, 0))
                         prefetch(value, (b, tokens[p, corner], h, hD - 1))
                 acc = out[b, q, h * hD:(h + 1) * hD]  # (hD,) view: this head's output channels
@@ -268,16 +286,10 @@ def cpu_backward(value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_
                     n = min(lanes, r0 + row - f0)
                     for i in range(n):
                         q, p = (f0 + i) // n_points, first + (f0 + i) % n_points
-                        ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
-                        x0, y0 = np.floor(ix), np.floor(iy)
-                        fx[i], fy[i] = ix - x0, iy - y0
-                        w = weights[i]  # (4,) view: nw, ne, sw, se
-                        w[0], w[1] = (t(1) - fy[i]) * (t(1) - fx[i]), (t(1) - fy[i]) * fx[i]
-                        w[2], w[3] = fy[i] * (t(1) - fx[i]), fy[i] * fx[i]
-                        for corner in range(4):  # a neighbour outside reads as 0 (times a row inside)
-                            xx, yy = x0 + corner % 2, y0 + corner // 2
-                            ok = 0 <= xx < W and 0 <= yy < H
-                            inside[i, corner], tokens[i, corner] = t(ok), start + int(yy) * W + int(xx) if ok else start
+                        fx[i], fy[i], offsets, ws, ins = bilinear(loc[b, q, h, p, 0], loc[b, q, h, p, 1], H, W, t)
+                        for corner in range(4):
+                            tokens[i, corner], weights[i, corner] = start + offsets[corner], ws[corner]
+                            inside[i, corner] = t(ins[corner])
                         a, g = attn[b, q, h, p], grad_out[b, q, h * hD:(h + 1) * hD]
                         for j in range(hD):
                             g_sample[i, j] = g[j] * a  # d loss / d sample
@@ -337,18 +349,11 @@ def _forward_kernel(value, levels, loc, attn, out):
     for lvl in range(levels.shape[0]):
         H, W, start, n_points = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2], levels[lvl, 3]
         for _ in range(n_points):
-            ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
-            if -1 <= ix < W and -1 <= iy < H:
-                x0, y0 = int(math.floor(ix)), int(math.floor(iy))  # math.floor gives a float on CUDA
-                fx, fy = ix - t(x0), iy - t(y0)
-                sample = t(0)
-                for corner in range(4):  # nw, ne, sw, se
-                    dy, dx = corner // 2, corner % 2
-                    xx, yy = x0 + dx, y0 + dy
-                    if 0 <= xx < W and 0 <= yy < H:
-                        w = (fy if dy else t(1) - fy) * (fx if dx else t(1) - fx)
-                        sample += value[b, start + yy * W + xx, h, j] * w
-                acc += sample * attn[b, q, h, p]
+            _, _, offsets, ws, _ = bilinear(loc[b, q, h, p, 0], loc[b, q, h, p, 1], H, W, t)
+            sample = t(0)
+            for corner in range(4):  # nw, ne, sw, se: one outside weighs 0
+                sample += value[b, start + offsets[corner], h, j] * ws[corner]
+            acc += sample * attn[b, q, h, p]
             p += 1
     out[b, q, h * hD + j] = acc
 
@@ -370,28 +375,23 @@ def _backward_kernel(value, levels, loc, attn, grad_out, grad_value, grad_loc, g
         lvl += 1
         first += levels[lvl, 3]
     H, W, start = levels[lvl, 0], levels[lvl, 1], levels[lvl, 2]
-    ix, iy = pixel(loc[b, q, h, p, 0], W, t), pixel(loc[b, q, h, p, 1], H, t)
+    fx, fy, offsets, ws, ins = bilinear(loc[b, q, h, p, 0], loc[b, q, h, p, 1], H, W, t)
+    a = attn[b, q, h, p]
     ga, gx, gy = t(0), t(0), t(0)
-    if -1 <= ix < W and -1 <= iy < H:
-        x0, y0 = int(math.floor(ix)), int(math.floor(iy))
-        fx, fy = ix - t(x0), iy - t(y0)
-        a = attn[b, q, h, p]
-        for corner in range(4):  # nw, ne, sw, se
-            dy, dx = corner // 2, corner % 2
-            xx, yy = x0 + dx, y0 + dy
-            if 0 <= xx < W and 0 <= yy < H:
-                wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
-                tok = start + yy * W + xx
-                aw = a * (wy * wx)
-                dot = t(0)
-                for j in range(hD):
-                    gj = grad_out[b, q, h * hD + j]
-                    dot += gj * value[b, tok, h, j]
-                    cuda.atomic.add(grad_value, (b, tok, h, j), gj * aw)
-                ga += wy * wx * dot
-                gx = gx + wy * dot if dx else gx - wy * dot
-                gy = gy + wx * dot if dy else gy - wx * dot
-        gx, gy = gx * a * t(W), gy * a * t(H)
+    for corner in range(4):  # nw, ne, sw, se
+        if ins[corner]:
+            tok, aw = start + offsets[corner], a * ws[corner]
+            dot = t(0)
+            for j in range(hD):
+                gj = grad_out[b, q, h * hD + j]
+                dot += gj * value[b, tok, h, j]
+                cuda.atomic.add(grad_value, (b, tok, h, j), gj * aw)
+            ga += ws[corner] * dot
+            dy, dx = corner // 2, corner % 2  # the weight wy * wx: d/d fx is +-wy, d/d fy +-wx
+            wy, wx = (fy if dy else t(1) - fy), (fx if dx else t(1) - fx)
+            gx = gx + wy * dot if dx else gx - wy * dot
+            gy = gy + wx * dot if dy else gy - wx * dot
+    gx, gy = gx * a * t(W), gy * a * t(H)
     grad_attn[b, q, h, p], grad_loc[b, q, h, p, 0], grad_loc[b, q, h, p, 1] = ga, gx, gy
 
 
@@ -428,9 +428,10 @@ def _torch_stream(x: torch.Tensor):
 
 class MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value, sampling_locations, attention_weights, levels):
+    def forward(ctx, value, sampling_locations, attention_weights, levels, readable):
         # no copies for the models' tensors, which are contiguous; the kernels are compiled for contiguous arrays
         ctx.layout = [(tuple(x.shape), x.stride()) for x in (value, sampling_locations, attention_weights)]
+        ctx.readable = readable
         value, loc, attn = value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()
         B, Q, nH, P = attn.shape
         out = value.new_empty(B, Q, nH * value.shape[3])  # (B, Q, nH*hD), every element written by the kernel
@@ -447,8 +448,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable  # the backward is a kernel, not torch ops: no second derivatives
     def backward(ctx, grad_out):
         value, loc, attn, levels = ctx.saved_tensors
-        layout = (*ctx.layout, (tuple(grad_out.shape), grad_out.stride()), tuple(map(tuple, levels.numpy().tolist()))) \
-            if not value.is_cuda else None
+        layout = (*ctx.layout, (tuple(grad_out.shape), grad_out.stride()))
         grad_out = grad_out.contiguous()  # out.sum() hands in stride 0: a copy beats compiling for strided arrays
         grad_value, grad_loc, grad_attn = torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
         arrays = [_array(x) for x in (value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn)]
@@ -457,29 +457,31 @@ class MSDeformAttnFunction(torch.autograd.Function):
                 cuda_backward(*arrays, stream=_torch_stream(value))
         else:
             cpu_backward(*arrays)
-            strides = readable_grad_strides(*layout)  # the same bits, now also the same layout
-            grad_value, grad_loc, grad_attn = [torch.empty_strided(g.shape, s, dtype=g.dtype).copy_(g)
-                                               for g, s in zip((grad_value, grad_loc, grad_attn), strides)]
-        return grad_value, grad_loc, grad_attn, None
+            if ctx.readable is not None:  # the same bits, now also the same layout
+                strides = readable_grad_strides(ctx.readable, *layout, tuple(map(tuple, levels.tolist())))
+                grad_value, grad_loc, grad_attn = [torch.empty_strided(g.shape, s, dtype=g.dtype).copy_(g)
+                                                   for g, s in zip((grad_value, grad_loc, grad_attn), strides)]
+        return grad_value, grad_loc, grad_attn, None, None
 
 
 @functools.lru_cache(maxsize=64)
-def readable_grad_strides(value, loc, attn, grad_out, levels) -> tuple:
+def readable_grad_strides(readable, value, loc, attn, grad_out, levels) -> tuple:
     """Strides of the readable version's three gradients, for inputs and grad_out of these (shape, strides): autograd
     on the meta device, which computes layouts and no numbers. Layout matters downstream: the readable version hands
     value's gradient back in a channel-major layout, and a convolution fed another layout rounds otherwise."""
-    from common import ms_deform_attn_torch
-
     value, loc, attn = [torch.empty_strided(*x, device="meta", requires_grad=True) for x in (value, loc, attn)]
     with torch.enable_grad():  # off inside a backward
-        out = ms_deform_attn_torch(value, [r[:2] for r in levels], [r[3] for r in levels], loc, attn)
+        out = readable(value, [r[:2] for r in levels], [r[3] for r in levels], loc, attn)
         grads = torch.autograd.grad(out, (value, loc, attn), torch.empty_strided(*grad_out, device="meta"))
     return tuple(g.stride() for g in grads)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes, points_per_level, sampling_locations: torch.Tensor,
-                   attention_weights: torch.Tensor) -> torch.Tensor:
-    """common.ms_deform_attn_torch's contract, run by the CPU kernel for CPU tensors and the CUDA one for CUDA."""
+                   attention_weights: torch.Tensor, readable: Callable | None = None) -> torch.Tensor:
+    """common.ms_deform_attn_torch's contract, run by the CPU kernel for CPU tensors and the CUDA one for CUDA.
+
+    readable: that readable version, whose gradients' memory layout the CPU backward then gives its own (same bits
+    either way; common.ms_deform_attn passes it); None leaves them contiguous."""
     B, S, nH, hD = value.shape
     assert sampling_locations.dim() == 5 and sampling_locations.shape[::2] == (B, nH, 2), \
         f"sampling_locations {tuple(sampling_locations.shape)} is not (B, Q, nH, P, 2) for value {tuple(value.shape)}"
@@ -494,79 +496,4 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes, points_per_level, sampli
     devices = {value.device, sampling_locations.device, attention_weights.device}
     assert len(devices) == 1, f"inputs on several devices: {devices}"
     levels = level_table(spatial_shapes, points_per_level)
-    return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, levels)
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench
-
-BENCH_SHAPES = [  # name, spatial shapes, Q, nH, hD, points per level (B = 1 throughout)
-    ("Grounding DINO encoder", [(100, 134), (50, 67), (25, 34), (13, 17)], 17821, 8, 32, [4, 4, 4, 4]),
-    ("Grounding DINO decoder", [(100, 134), (50, 67), (25, 34), (13, 17)], 900, 8, 32, [4, 4, 4, 4]),
-    ("D-FINE L decoder", [(80, 80), (40, 40), (20, 20)], 300, 8, 32, [3, 6, 3]),
-    ("D-FINE nano decoder", [(40, 40), (20, 20)], 300, 8, 16, [6, 6]),
-]
-
-def _bench_inputs(shapes, Q: int, nH: int, hD: int, points, encoder: bool, device: torch.device):
-    """Inputs like the models': each point a few pixels (normal, sd 2) from its query's reference point, which is
-    the query's own token centre in the encoder and a box centre anywhere on the image in a decoder. Where the
-    points fall matters: spread uniformly they would miss the caches and run the kernel 2-3x slower."""
-    g = torch.Generator().manual_seed(0)
-    S, P = sum(h * w for h, w in shapes), sum(points)
-    centres = [torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"),
-                           -1).reshape(h * w, 2) for h, w in shapes]  # L x (H_l*W_l, 2) as x, y
-    ref = torch.cat(centres) if encoder else torch.rand(Q, 2, generator=g)  # (Q, 2)
-    size = torch.tensor([[w, h] for (h, w), n in zip(shapes, points) for _ in range(n)], dtype=torch.float32)  # (P, 2)
-    loc = ref[:, None, None, :] + 2 * torch.randn(Q, nH, P, 2, generator=g) / size  # (Q, nH, P, 2)
-    value, attn = torch.randn(1, S, nH, hD, generator=g), torch.randn(1, Q, nH, P, generator=g).softmax(-1)
-    grad = torch.randn(1, Q, nH * hD, generator=g)
-    return [x.to(device).requires_grad_(i < 3) for i, x in enumerate((value, loc[None], attn, grad))]
-
-
-def _timings(fn, device: torch.device, runs: int) -> list[float]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA calls return before they finish
-    fn()  # warm-up: compiles, allocates, fills caches
-    times = []
-    for _ in range(runs):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
-
-
-def bench(runs: int) -> None:
-    from common import ms_deform_attn_torch
-
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__} on {torch.get_num_threads()} threads, numba {numba.__version__} on "
-          f"{numba.get_num_threads()}; float32; {runs} runs after a warm-up; load average {os.getloadavg()[0]:.1f}")
-    times = {}  # (shape, device, pass, version) -> ms
-    # all readable rows first: once numba's threads exist (a second OpenMP runtime beside torch's), the two pools
-    # compete for the cores and torch's small ops were seen to slow down many times over on this 2-core machine
-    for version, f in (("readable", ms_deform_attn_torch), ("numba", ms_deform_attn)):
-        for name, shapes, Q, nH, hD, points in BENCH_SHAPES:
-            for dev in devices:
-                value, loc, attn, grad = _bench_inputs(shapes, Q, nH, hD, points, "encoder" in name, dev)
-                with torch.no_grad():
-                    times[name, dev.type, "forward", version] = _timings(
-                        lambda: f(value, shapes, points, loc, attn), dev, runs)
-                times[name, dev.type, "fwd+bwd", version] = _timings(
-                    lambda: torch.autograd.backward(f(value, shapes, points, loc, attn), grad), dev, runs)
-    print(f"{'shape':24}{'device':7}{'pass':9}{'version':10}{'median ms':>11}{'min-max ms':>19}{'speed-up':>10}")
-    for name, dev, pass_, _ in [key for key in times if key[3] == "readable"]:
-        for version in ("readable", "numba"):
-            t = times[name, dev, pass_, version]
-            ratio = statistics.median(times[name, dev, pass_, "readable"]) / statistics.median(t)
-            print(f"{name:24}{dev:7}{pass_:9}{version:10}{statistics.median(t):11.2f}"
-                  f"{f'{min(t):.2f}-{max(t):.2f}':>19}{f'{ratio:.1f}x':>10}")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="time the readable version and the kernels")
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per row, after one warm-up")
-    args = parser.parse_args()
-    bench(args.runs) if args.bench else parser.print_help()
+    return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, levels, readable)

@@ -12,13 +12,16 @@ batch 1, 3 objects. `--quick` runs D-FINE nano twice for a smoke test (tests/tes
 on the tests' small Grounding DINO.
 `--reuse`: Grounding DINO detect on ten prompts x one image and one prompt x ten images, with and without
 encode_image / encode_prompt. `--bf16-rss`: our peak RSS in float32 and in bfloat16. `--device cuda` (with `--backend
-numba|torch` for ours, `--dtype`): the GPU rows, TF32 off (tests/gpu_check.sh runs them).
+numba|torch` for ours, `--dtype`): the GPU rows, TF32 off (tests/gpu_check.sh runs them). `--kernels`: the
+deformable attention alone at the models' shapes, the readable version (common.py) against kernels.py's Numba kernels,
+forward and forward + backward, on the CPU and on CUDA where there is one.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -309,6 +312,78 @@ def print_table(rows: list[dict]) -> None:
         print(f"  {r['model']:<14} " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items()))
 
 
+# -----------------------------------------------------------------------------
+# --kernels: the deformable attention alone, the readable version (common.py) and kernels.py's Numba kernels
+
+KERNEL_SHAPES = [  # name, spatial shapes, Q, nH, hD, points per level (B = 1 throughout)
+    ("Grounding DINO encoder", [(100, 134), (50, 67), (25, 34), (13, 17)], 17821, 8, 32, [4, 4, 4, 4]),
+    ("Grounding DINO decoder", [(100, 134), (50, 67), (25, 34), (13, 17)], 900, 8, 32, [4, 4, 4, 4]),
+    ("D-FINE L decoder", [(80, 80), (40, 40), (20, 20)], 300, 8, 32, [3, 6, 3]),
+    ("D-FINE nano decoder", [(40, 40), (20, 20)], 300, 8, 16, [6, 6]),
+]
+
+
+def kernel_inputs(shapes, Q: int, nH: int, hD: int, points, encoder: bool, device: torch.device):
+    """Inputs like the models': each point a few pixels (normal, sd 2) from its query's reference point, which is
+    the query's own token centre in the encoder and a box centre anywhere on the image in a decoder. Where the
+    points fall matters: spread uniformly they would miss the caches and run the kernel 2-3x slower."""
+    g = torch.Generator().manual_seed(0)
+    S, P = sum(h * w for h, w in shapes), sum(points)
+    centres = [torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"),
+                           -1).reshape(h * w, 2) for h, w in shapes]  # L x (H_l*W_l, 2) as x, y
+    ref = torch.cat(centres) if encoder else torch.rand(Q, 2, generator=g)  # (Q, 2)
+    size = torch.tensor([[w, h] for (h, w), n in zip(shapes, points) for _ in range(n)], dtype=torch.float32)  # (P, 2)
+    loc = ref[:, None, None, :] + 2 * torch.randn(Q, nH, P, 2, generator=g) / size  # (Q, nH, P, 2)
+    value, attn = torch.randn(1, S, nH, hD, generator=g), torch.randn(1, Q, nH, P, generator=g).softmax(-1)
+    grad = torch.randn(1, Q, nH * hD, generator=g)
+    return [x.to(device).requires_grad_(i < 3) for i, x in enumerate((value, loc[None], attn, grad))]
+
+
+def kernel_timings(fn, device: torch.device, runs: int) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA calls return before they finish
+    fn()  # warm-up: compiles, allocates, fills caches
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def bench_kernels(runs: int) -> None:
+    import numba
+
+    import kernels
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__} on {torch.get_num_threads()} threads, numba {numba.__version__} on "
+          f"{numba.get_num_threads()}; float32; {runs} runs after a warm-up; load average {os.getloadavg()[0]:.1f}")
+    times = {}  # (shape, device, pass, version) -> ms
+    # all readable rows first: once numba's threads exist (a second OpenMP runtime beside torch's), the two pools
+    # compete for the cores and torch's small ops were seen to slow down many times over on a 2-core machine
+    versions = (("readable", common.ms_deform_attn_torch),
+                ("numba", lambda *a: kernels.ms_deform_attn(*a, readable=common.ms_deform_attn_torch)))
+    for version, f in versions:
+        for name, shapes, Q, nH, hD, points in KERNEL_SHAPES:
+            for dev in devices:
+                value, loc, attn, grad = kernel_inputs(shapes, Q, nH, hD, points, "encoder" in name, dev)
+                with torch.no_grad():
+                    times[name, dev.type, "forward", version] = kernel_timings(
+                        lambda: f(value, shapes, points, loc, attn), dev, runs)
+                times[name, dev.type, "fwd+bwd", version] = kernel_timings(
+                    lambda: torch.autograd.backward(f(value, shapes, points, loc, attn), grad), dev, runs)
+    print(f"{'shape':24}{'device':7}{'pass':9}{'version':10}{'median ms':>11}{'min-max ms':>19}{'speed-up':>10}")
+    for name, dev, pass_, _ in [key for key in times if key[3] == "readable"]:
+        for version in ("readable", "numba"):
+            t = times[name, dev, pass_, version]
+            ratio = statistics.median(times[name, dev, pass_, "readable"]) / statistics.median(t)
+            print(f"{name:24}{dev:7}{pass_:9}{version:10}{statistics.median(t):11.2f}"
+                  f"{f'{min(t):.2f}-{max(t):.2f}':>19}{f'{ratio:.1f}x':>10}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="subset, e.g. dfine-n gdino-tiny (default: all)")
@@ -319,6 +394,8 @@ def main() -> int:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--reuse", action="store_true", help="only the encode-once rows (gdino-tiny unless named)")
     ap.add_argument("--bf16-rss", action="store_true", help="only our peak RSS in float32 and bfloat16")
+    ap.add_argument("--kernels", action="store_true", help="only the deformable attention, the readable version and "
+                    "kernels.py's, at the models' shapes, forward and backward (CPU, and CUDA where there is one)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off)")
     ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="our deformable attention's")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -329,6 +406,9 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # plain fp32 on GPUs
     if args.rss_child:
         rss_child(*args.rss_child)
+        return 0
+    if args.kernels:
+        bench_kernels(args.runs)
         return 0
     if args.quick or args.reuse:
         reuse = reuse_rows("gdino-small", 2, 1) if args.quick else [

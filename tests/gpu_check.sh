@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, on a machine with a CUDA GPU: `bash tests/gpu_check.sh 2>&1 | tee gpu_report.txt`.
 #   1. the CUDA kernel tests (pytest -m cuda: the Numba CUDA kernels against the readable version, real shapes)
-#   2. python kernels.py --bench (the CPU and CUDA rows)
+#   2. python tests/benchmark.py --kernels (the deformable attention alone: CPU and CUDA rows)
 #   3. both models on CUDA against transformers on CUDA, same weights: fp32 with TF32 off, bf16, fp16 (max diffs)
 #   4. the benchmark's GPU rows: ours with the Numba CUDA kernel, ours with the readable version, transformers
 # --cpu-dry-run: steps 3 and 4 small and on the CPU, 1 and 2 only checked to exist (tests/test_inference.py).
@@ -30,11 +30,11 @@ else
     python -m pytest -q --collect-only -m cuda tests/test_kernels.py | tail -1
 fi
 
-echo "== 2. kernels.py --bench"
+echo "== 2. benchmark.py --kernels"
 if [[ $DEVICE == cuda ]]; then
-    python kernels.py --bench
+    python tests/benchmark.py --kernels
 else
-    python kernels.py --help | grep -q -- --bench && echo "kernels.py --bench exists"
+    python tests/benchmark.py --help | grep -q -- --kernels && echo "benchmark.py --kernels exists"
 fi
 
 echo "== 3. both models on $DEVICE against transformers on $DEVICE"

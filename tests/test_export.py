@@ -225,3 +225,24 @@ def test_dfine_command_line_exports(tmp_path, capsys):
     assert [i.name for i in onnx_model.session.get_inputs()] == ["pixel_values"]
     assert [o.name for o in onnx_model.session.get_outputs()] == ["logits", "pred_boxes"]
     assert onnx_model.session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+
+
+# -----------------------------------------------------------------------------
+# The runner knows no model: bounds and hints come from the file's metadata
+
+
+def test_runner_takes_bounds_and_hints_from_metadata(tmp_path):
+    class Toy(torch.nn.Module):  # (batch, tokens) ids -> logits (batch, 2, 3), pred_boxes (batch, 2, 4)
+        def forward(self, input_ids):
+            x = input_ids.float().sum(1)[:, None, None]  # (batch, 1, 1)
+            return x.expand(-1, 2, 3), x.expand(-1, 2, 4)
+
+    ids, dynamic = torch.ones(2, 4, dtype=torch.long), {"input_ids": {0: "batch", 1: "tokens"}}
+    for metadata, hint in [({"max_tokens": 5, "max_tokens_hint": "Split the text."}, " Split the text."),
+                           ({"max_tokens": 5}, "")]:  # no hint: the bound alone
+        common.export_onnx(Toy(), [ids], tmp_path / "toy.onnx", ["input_ids"], dynamic, metadata)
+        runner = common.OnnxModel(tmp_path / "toy.onnx")
+        assert runner(input_ids=torch.ones(3, 5, dtype=torch.long))["logits"].tolist() == [[[5.0] * 3] * 2] * 3
+        with pytest.raises(InputError) as error:
+            runner(input_ids=torch.ones(1, 6, dtype=torch.long))
+        assert str(error.value) == f"input_ids has 6 tokens; the graph reads at most 5.{hint}"

@@ -411,11 +411,11 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     script = ROOT / "tests" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    for name in ["tests/gpu_parity.py", "tests/benchmark.py", "kernels.py", "tests/test_kernels.py"]:
+    for name in ["tests/gpu_parity.py", "tests/benchmark.py", "tests/test_kernels.py"]:
         assert name in text and (ROOT / name).is_file(), name
     helps = {name: subprocess.run([sys.executable, str(ROOT / name), "--help"], capture_output=True,
                                   text=True).stdout for name in ["tests/benchmark.py", "tests/gpu_parity.py"]}
-    for flag in ["--device", "--backend", "--dtype", "--reuse", "--runs", "--no-rss"]:
+    for flag in ["--device", "--backend", "--dtype", "--reuse", "--runs", "--no-rss", "--kernels"]:
         assert flag in helps["tests/benchmark.py"], flag
     for flag in ["--device", "--quick", "--dtypes", "--backends"]:
         assert flag in helps["tests/gpu_parity.py"], flag
@@ -423,7 +423,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     for step in range(1, 5):
         assert f"== {step}." in r.stdout
-    assert "kernels.py --bench exists" in r.stdout
+    assert "benchmark.py --kernels exists" in r.stdout
     rows = [line for line in r.stdout.splitlines() if "max abs diff vs transformers" in line]
     assert len(rows) == 2 and all("logits 0  boxes 0" in line for line in rows)  # fp32 on the CPU: bit parity
     assert "gdino-small" in r.stdout and "== done" in r.stdout

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import kernels
+from benchmark import KERNEL_SHAPES
 from common import ms_deform_attn, ms_deform_attn_torch
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
@@ -141,7 +142,8 @@ def test_float32_backward_equals_readable_bit_for_bit():
     copy only when B, nH and Q all exceed 1) and on the level layout, so: the models' layouts at hD 32 and 16 with
     B 1 and 2, nH 1 and 3, Q 1 and more (steps of 8 points, sums over 32 columns and their tails); one level, one
     point per level; CASES; every case at locations spread over and beyond the map and on pixel centres and edges.
-    Also the same strides: layout decides how the ops downstream round (kernels.readable_grad_strides)."""
+    Also the same strides, through common's dispatch (which hands kernels.py the readable version): layout decides
+    how the ops downstream round (kernels.readable_grad_strides)."""
     layouts = [([(9, 7), (5, 4), (3, 2), (2, 1)], [4] * 4), ([(8, 6), (4, 3), (2, 2)], [3, 6, 3]),
                ([(7, 8), (4, 4)], [6, 6]), ([(6, 5)], [5]), ([(6, 5)], [12]), ([(5, 4), (2, 3)], [1, 2]),
                ([(4, 3)], [1])]
@@ -150,7 +152,7 @@ def test_float32_backward_equals_readable_bit_for_bit():
     for n, (B, Q, nH, hD, shapes, points) in enumerate(cases):
         for locations in ("spread", "special"):
             args = make_inputs(B, Q, nH, hD, shapes, points, torch.float32, locations, seed=n)
-            ours = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
+            ours = value_and_grads(lambda *a: ms_deform_attn(*a, backend="numba"), args[0], shapes, points, *args[1:])
             ref = value_and_grads(ms_deform_attn_torch, args[0], shapes, points, *args[1:])
             for name, a, b in zip(["grad value", "grad locations", "grad attention"], ours[1:], ref[1:]):
                 assert torch.equal(a, b), f"{name}, {B, Q, nH, hD} {shapes} {points} {locations}: " \
@@ -212,6 +214,14 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
     many = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+def test_kernels_import_nothing_of_ours():
+    """kernels.py is the lower layer: common.py imports it (on first use) and hands it the readable version."""
+    code = "import sys, kernels; ours = {'common', 'gdino', 'dfine'} & set(sys.modules); assert not ours, ours"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
 
 
 def test_entry_point_rejects_what_the_kernels_cannot_take():
@@ -291,12 +301,12 @@ def test_cuda_kernel_matches_readable(case, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", [s[0] for s in kernels.BENCH_SHAPES])
+@pytest.mark.parametrize("name", [s[0] for s in KERNEL_SHAPES])
 def test_cuda_kernel_at_real_shapes(name):
     """float32 at the models' shapes, the CUDA kernel against the CPU kernel (same rule) and the readable version.
     Not the location gradient: among millions of points some sit within rounding of a pixel centre, where the
     gradient jumps, and the GPU's fused multiply-adds may put them on the other side."""
-    _, shapes, Q, nH, hD, points = next(s for s in kernels.BENCH_SHAPES if s[0] == name)
+    _, shapes, Q, nH, hD, points = next(s for s in KERNEL_SHAPES if s[0] == name)
     args = make_inputs(1, Q, nH, hD, shapes, points, torch.float32, "spread")
     cpu = value_and_grads(kernels.ms_deform_attn, args[0], shapes, points, *args[1:])
     gpu = value_and_grads(kernels.ms_deform_attn, args[0].cuda(), shapes, points, *[x.cuda() for x in args[1:]])
