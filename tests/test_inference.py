@@ -191,13 +191,15 @@ def stages_with_queries(model, photo: str, topk: torch.Tensor | None = None) -> 
     image, prompt = model.encode_image(DATA / photo, (256, 400)), model.encode_prompt(PROMPTS[photo])
     text = prompt.text[0]
     lv = model.prepare_levels(image.maps, image.pixel_mask)
-    memory, text_feats = model.encode(lv, text)
+    memory, text_feats = model.encoder(lv, text, model.backend)
     sel = model.select_queries(memory, lv, text_feats, text["token_mask"])
     if topk is not None:
         sel["init_reference_points"] = sel["enc_outputs_coord_logits"].gather(1, topk[..., None].expand(-1, -1, 4))
         sel["init_reference_points"] = sel["init_reference_points"].sigmoid()
-    hidden, refs = model.decode(sel["init_reference_points"], memory, lv, text_feats, text["token_mask"])
-    logits, boxes = model.heads(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
+    target = model.query_position_embeddings.weight[None]  # (1, Q, 256)
+    hidden, refs = model.decoder(target, sel["init_reference_points"], memory, lv, text_feats, text["token_mask"],
+                                 model.box_head, model.backend)
+    logits, boxes = model.predict(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
     return {"memory": memory, **sel, "logits": logits, "boxes": boxes}
 
 
