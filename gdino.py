@@ -7,7 +7,8 @@ and `GroundingDinoProcessor` with the PIL image processor for preprocessing and 
 Deliberate differences: a raw forward refuses prompts over 256 tokens (transformers crashes) and `detect` splits
 them into chunks; `detect` runs images one at a time (a padded batch changes a padded image's outputs, see there);
 no detections give no labels (transformers returns one empty label); in bf16/fp16 the deformable attention samples
-in float32 (common.ms_deform_attn says why). In training (section 12), each image's class
+in float32 (common.ms_deform_attn says why) and `detect` post-processes in float32 (transformers in the model's
+dtype, which rounds the boxes to its 8 significant bits once more). In training (section 12), each image's class
 targets come from its own prompt and the encoder term supervises the encoder's proposals, as the paper (transformers
 5.23 offsets class ids by the wrong phrase count, and its encoder term trains none of the proposal head).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
@@ -1088,7 +1089,7 @@ def detect(model: GroundingDino, images, prompts, threshold: float = 0.25, text_
     """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
     {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)}, as transformers' processor + model +
     post-processing return for that image, plus "label_ids": for each box the index of its best-scoring label
-    in the prompt (a class id).
+    in the prompt (a class id). Scores and boxes are float32 whatever the model's dtype.
 
     size: (shortest, longest) edges to resize to, as the processor's size={"shortest_edge", "longest_edge"};
     None: the checkpoint's. nms: an IoU above which a box is dropped for a better one of the same label (of any
@@ -1197,10 +1198,12 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
     threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
     A label is the prompt's tokens scoring above text_threshold; like transformers, column 0 ([CLS]) and columns
     from max_text_len - 1 on are dropped, while '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'.
+    In float32 whatever the model's dtype: corners and pixels computed in bfloat16 would round the network's boxes
+    once more to its 8 significant bits (a coordinate between 512 and 1024 pixels onto a multiple of 4).
     """
-    probs = torch.sigmoid(logits)  # (B, Q, max_text_len)
+    probs = torch.sigmoid(logits.float())  # (B, Q, max_text_len)
     scores = torch.max(probs, dim=-1)[0]  # (B, Q)
-    boxes = center_to_corners(pred_boxes)  # (B, Q, 4) xyxy in [0, 1]
+    boxes = center_to_corners(pred_boxes.float())  # (B, Q, 4) xyxy in [0, 1]
     if target_sizes is not None:
         scale = torch.tensor([[float(w), float(h)] * 2 for h, w in target_sizes])  # (B, 4) w, h, w, h
         boxes = boxes * scale[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
