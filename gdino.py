@@ -7,7 +7,8 @@ and `GroundingDinoProcessor` with the PIL image processor for preprocessing and 
 Deliberate differences: a raw forward refuses prompts over 256 tokens (transformers crashes) and `detect` splits
 them into chunks; `detect` runs images one at a time (a padded batch changes a padded image's outputs, see there);
 no detections give no labels (transformers returns one empty label); in bf16/fp16 the deformable attention samples
-in float32 (common.ms_deform_attn says why). In training (section 12), each image's class
+in float32 (common.ms_deform_attn says why) and `detect` post-processes in float32 (transformers in the model's
+dtype, which rounds the boxes to its 8 significant bits once more). In training (section 12), each image's class
 targets come from its own prompt and the encoder term supervises the encoder's proposals, as the paper (transformers
 5.23 offsets class ids by the wrong phrase count, and its encoder term trains none of the proposal head).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
@@ -26,9 +27,11 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   7. query selection    encoder proposals scored against the text; the top 900 become the decoder's boxes
   8. decoder            6 x (self-attention, text cross-attention, deformable cross-attention, FFN, box refinement)
   9. heads, the model   contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh;
-                        GroundingDino.forward (sections 3-9 in order) and detect
- 10. post-processing    threshold, phrase labels, boxes in pixels (as post_process_grounded_object_detection)
- 11. loading            checkpoint key map (Hub 4.x names and 5.x names), from_pretrained, save_pretrained, chunking
+                        GroundingDino, whose forward runs sections 3-9 in order
+ 10. detection          detect: images one at a time, long label lists in chunks, the backbone and BERT reusable
+                        (encode_image, encode_prompt); post-processing as post_process_grounded_object_detection
+                        (threshold, phrase labels, boxes in pixels)
+ 11. loading, saving    one key table read both ways (Hub and transformers 5.x names), from_pretrained, save_pretrained
  12. training           label maps from the prompt, Hungarian matching, focal/L1/GIoU set loss; init from scratch
  13. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
  14. command line
@@ -43,7 +46,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -322,13 +325,20 @@ def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[to
 # -----------------------------------------------------------------------------
 # 3. Swin backbone (Liu et al. 2021): shifted-window attention; maps taken before each stage's downsampling
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+
+class DropPath(nn.Module):
     """Stochastic depth (training only): each sample's residual branch is dropped with probability p, kept ones
     scaled by 1 / (1 - p)."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) >= p  # (B, 1, ..)
-    return x * keep / (1 - p)
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) >= self.p  # (B, 1, ..)
+        return x * keep / (1 - self.p)
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -357,15 +367,17 @@ def shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, ws: int, shift: int, cfg: SwinConfig, drop: float = 0.0):
+    def __init__(self, dim: int, heads: int, ws: int, shift: int, cfg: SwinConfig, drop_path: float):
         super().__init__()
-        self.heads, self.ws, self.shift, self.drop = heads, ws, shift, drop  # drop: this block's drop-path rate
+        self.heads, self.ws, self.shift = heads, ws, shift
         self.layernorm_before = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.query, self.key, self.value = (nn.Linear(dim, dim, bias=cfg.qkv_bias) for _ in range(3))
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
         self.proj = nn.Linear(dim, dim)
         self.layernorm_after = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.fc1, self.fc2 = nn.Linear(dim, int(cfg.mlp_ratio * dim)), nn.Linear(int(cfg.mlp_ratio * dim), dim)
+        # on both branches, as the original Swin (transformers' drops the attention branch only)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         B, _, C = x.shape
@@ -390,9 +402,8 @@ class SwinBlock(nn.Module):
         y = a.transpose(2, 3).contiguous().view(B, Hp, Wp, C)  # (B, Hp, Wp, C): windows back in place
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
-        x = x + drop_path(y[:, :h, :w].contiguous().view(B, h * w, C), self.drop, self.training)  # (B, h*w, C)
-        # drop path on both branches, as the original Swin (transformers' drops the attention branch only)
-        return x + drop_path(self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))), self.drop, self.training)
+        x = x + self.drop_path(y[:, :h, :w].contiguous().view(B, h * w, C))  # (B, h*w, C)
+        return x + self.drop_path(self.fc2(F.gelu(self.fc1(self.layernorm_after(x)))))
 
 
 class PatchMerging(nn.Module):
@@ -419,6 +430,12 @@ class SwinStage(nn.Module):
                                                drops[i]) for i in range(depth)])
         self.downsample = PatchMerging(dim, cfg.layer_norm_eps) if downsample else None
 
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, C) -> (B, h*w, C), before the downsampling (SwinBackbone takes its maps there)."""
+        for block in self.blocks:
+            x = block(x, h, w)
+        return x
+
 
 class SwinBackbone(nn.Module):
     def __init__(self, cfg: SwinConfig):
@@ -437,15 +454,14 @@ class SwinBackbone(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> one (B, C_l, H_l, W_l) map per out_feature, each normed by hidden_states_norms."""
-        p, (H, W) = self.patch_size, pixel_values.shape[-2:]
-        x = F.pad(pixel_values, (0, (p - W % p) % p, 0, (p - H % p) % p))  # right/bottom zeros to whole patches
+        ps, (H, W) = self.patch_size, pixel_values.shape[-2:]
+        x = F.pad(pixel_values, (0, (ps - W % ps) % ps, 0, (ps - H % ps) % ps))  # right/bottom zeros to whole patches
         x = self.patch_embed(x)  # (B, C, H/4, W/4)
         h, w = x.shape[-2:]
         x = self.patch_norm(x.flatten(2).transpose(1, 2))  # (B, h*w, C)
         maps = []
         for i, stage in enumerate(self.stages):
-            for block in stage.blocks:
-                x = block(x, h, w)
+            x = stage(x, h, w)
             if f"stage{i + 1}" in self.out_features:  # before downsampling; swin.layernorm is never used
                 y = self.hidden_states_norms[f"stage{i + 1}"](x)
                 maps.append(y.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, h, w)
@@ -463,13 +479,14 @@ class BertLayer(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         d, self.heads = cfg.hidden_size, cfg.num_attention_heads
-        self.p_hidden, self.p_attn = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob  # training only
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.attention_dropout = cfg.attention_probs_dropout_prob  # SDPA's dropout_p, training only
         self.attention_dense = nn.Linear(d, d)
         self.attention_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.intermediate = nn.Linear(d, cfg.intermediate_size)
         self.output = nn.Linear(cfg.intermediate_size, d)
         self.output_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
@@ -479,10 +496,10 @@ class BertLayer(nn.Module):
         # boolean mask straight into SDPA, as transformers' default sdpa path (its eager path adds the bool as 0/1
         # to the scores, which masks nothing, so phrases would see each other there)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hD ** -0.5,
-                                           dropout_p=self.p_attn if self.training else 0.0)  # (B, nH, T, hD)
+                                           dropout_p=self.attention_dropout if self.training else 0.0)  # (B,nH,T,hD)
         a = a.transpose(1, 2).contiguous().reshape(B, T, -1).contiguous()  # (B, T, d)
-        x = self.attention_norm(F.dropout(self.attention_dense(a), self.p_hidden, self.training) + x)
-        return self.output_norm(F.dropout(self.output(F.gelu(self.intermediate(x))), self.p_hidden, self.training) + x)
+        x = self.attention_norm(self.dropout(self.attention_dense(a)) + x)
+        return self.output_norm(self.dropout(self.output(F.gelu(self.intermediate(x)))) + x)
 
 
 class Bert(nn.Module):
@@ -492,13 +509,13 @@ class Bert(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.embeddings_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.layers = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
-        self.p_hidden = cfg.hidden_dropout_prob
 
     def forward(self, input_ids, token_type_ids, position_ids, mask) -> torch.Tensor:
         """ids (B, T), mask (B, T, T) bool True = attend -> (B, T, hidden)."""
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        x = F.dropout(self.embeddings_norm(x + self.position_embeddings(position_ids)), self.p_hidden, self.training)
+        x = self.dropout(self.embeddings_norm(x + self.position_embeddings(position_ids)))
         for layer in self.layers:
             x = layer(x, mask[:, None])  # (B, 1, T, T) shared by the heads
         return x
@@ -552,33 +569,35 @@ def valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
 class MultiheadAttention(nn.Module):
     """Plain multi-head attention with an additive float mask (the text enhancer and the decoder use it)."""
 
-    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+    def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout  # dropout on the attention probabilities, training only
+        self.heads = heads
         self.query, self.key, self.value, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.dropout = nn.Dropout(dropout)  # on the attention probabilities, training only
 
     def forward(self, q_in, k_in, v_in, mask=None) -> torch.Tensor:
-        B, T, d = q_in.shape
+        B, n, d = q_in.shape
         hD = d // self.heads
-        q, k, v = (lin(x).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, T or Tk, hD)
+        q, k, v = (lin(x).view(B, -1, self.heads, hD).transpose(1, 2)  # (B, nH, n or n_k, hD)
                    for lin, x in ((self.query, q_in), (self.key, k_in), (self.value, v_in)))
-        scores = torch.matmul(q, k.transpose(-1, -2)).div_(math.sqrt(hD))  # (B, nH, T, Tk)
+        scores = torch.matmul(q, k.transpose(-1, -2)).div_(math.sqrt(hD))  # (B, nH, n, n_k)
         if mask is not None:
             scores += mask
-        probs = F.dropout(scores.softmax(-1), self.dropout, self.training)  # (B, nH, T, Tk)
-        out = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()  # (B, T, nH, hD)
-        return self.out_proj(out.view(B, T, d))  # (B, T, d)
+        probs = self.dropout(scores.softmax(-1))  # (B, nH, n, n_k)
+        out = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()  # (B, n, nH, hD)
+        return self.out_proj(out.view(B, n, d))  # (B, n, d)
 
 
 class BiAttention(nn.Module):
     """Image-to-text and text-to-image attention sharing one score matrix (the paper's bi-attention)."""
 
-    def __init__(self, d: int, width: int, heads: int, dropout: float = 0.0):
+    def __init__(self, d: int, width: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.hD, self.dropout = heads, width // heads, dropout  # dropout: on both attentions, training
+        self.heads, self.hD = heads, width // heads
         self.vision_proj, self.text_proj = nn.Linear(d, width), nn.Linear(d, width)
         self.values_vision_proj, self.values_text_proj = nn.Linear(d, width), nn.Linear(d, width)
         self.out_vision_proj, self.out_text_proj = nn.Linear(width, d), nn.Linear(width, d)
+        self.dropout = nn.Dropout(dropout)  # on both directions' attention probabilities, training only
 
     def heads_first(self, x: torch.Tensor) -> torch.Tensor:
         B, n, _ = x.shape
@@ -604,8 +623,8 @@ class BiAttention(nn.Module):
         At = torch.clamp(At - torch.max(At, dim=-1, keepdim=True)[0], min=-50000, max=50000)
         At = At.masked_fill(img_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH,1,S)
         A = A.masked_fill(txt_pad[:, None, None, :].repeat(1, nH, 1, 1).flatten(0, 1), float("-inf"))  # (B*nH, 1, T)
-        dv = torch.bmm(F.dropout(A.softmax(-1), self.dropout, self.training), vt)  # (B*nH, S, hD): from the text
-        dt = torch.bmm(F.dropout(At.softmax(-1), self.dropout, self.training), vv)  # (B*nH, T, hD): from the image
+        dv = torch.bmm(self.dropout(A.softmax(-1)), vt)  # (B*nH, S, hD): from the text
+        dt = torch.bmm(self.dropout(At.softmax(-1)), vv)  # (B*nH, T, hD): from the image
         return self.out_vision_proj(self.heads_last(dv, B)), self.out_text_proj(self.heads_last(dt, B))
 
 
@@ -615,15 +634,14 @@ class FusionLayer(nn.Module):
         d, eps = cfg.d_model, cfg.layer_norm_eps
         self.layer_norm_vision, self.layer_norm_text = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
         self.attn = BiAttention(d, cfg.encoder_ffn_dim // 2, cfg.encoder_attention_heads // 2, cfg.fusion_dropout)
-        self.drop = cfg.fusion_droppath  # training only
         self.vision_param = nn.Parameter(torch.full((d,), 1e-4))  # layer scales (init 1e-4, learned)
         self.text_param = nn.Parameter(torch.full((d,), 1e-4))
+        self.drop_path = DropPath(cfg.fusion_droppath)
 
-    def forward(self, V, T, img_pad, txt_pad):
-        v, t = self.layer_norm_vision(V), self.layer_norm_text(T)  # the residual starts from the normed inputs
+    def forward(self, vision, text, img_pad, txt_pad):
+        v, t = self.layer_norm_vision(vision), self.layer_norm_text(text)  # the residual starts from the normed inputs
         dv, dt = self.attn(v, t, img_pad, txt_pad)
-        return (v + drop_path(self.vision_param * dv, self.drop, self.training),
-                t + drop_path(self.text_param * dt, self.drop, self.training))
+        return v + self.drop_path(self.vision_param * dv), t + self.drop_path(self.text_param * dt)
 
 
 class TextEnhancerLayer(nn.Module):
@@ -632,18 +650,22 @@ class TextEnhancerLayer(nn.Module):
         d, eps = cfg.d_model, cfg.layer_norm_eps
         self.self_attn = MultiheadAttention(d, cfg.encoder_attention_heads // 2, cfg.attention_dropout)
         self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim // 2), nn.Linear(cfg.encoder_ffn_dim // 2, d)
-        self.p = cfg.text_enhancer_dropout  # training only
         self.layer_norm_before, self.layer_norm_after = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
+        self.dropout = nn.Dropout(cfg.text_enhancer_dropout)
 
-    def forward(self, T, tpos, phrase_bias):
-        qk = T + tpos  # position only on queries and keys
-        T = self.layer_norm_before(T + F.dropout(self.self_attn(qk, qk, T, phrase_bias), self.p, self.training))
-        h = F.dropout(F.relu(self.fc1(T)), self.p, self.training)
-        return self.layer_norm_after(F.dropout(self.fc2(h), self.p, self.training) + T)
+    def forward(self, text, tpos, phrase_bias):
+        qk = text + tpos  # position only on queries and keys
+        text = self.layer_norm_before(text + self.dropout(self.self_attn(qk, qk, text, phrase_bias)))
+        h = self.dropout(F.relu(self.fc1(text)))
+        return self.layer_norm_after(self.dropout(self.fc2(h)) + text)
 
 
 def level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
-    """(L, 2): each level's (width, height), in like's dtype and device (the encoder's offsets are in its pixels)."""
+    """(L, 2): each level's (width, height), in like's dtype and device (the encoder's offsets are in its pixels).
+    While tracing (ONNX export) the sizes are 0-d tensors: stacking them keeps them in the graph, where torch.tensor
+    would bake this image's sizes in as constants."""
+    if torch.jit.is_tracing():
+        return torch.stack([torch.stack([torch.as_tensor(wl), torch.as_tensor(hl)]) for hl, wl in shapes]).to(like)
     return torch.tensor([[wl, hl] for hl, wl in shapes], dtype=like.dtype, device=like.device)
 
 
@@ -663,7 +685,7 @@ class DeformableAttention(nn.Module):
         B, S, d = value.shape
         return self.value_proj(value).masked_fill_(~value_mask[..., None], 0.0).view(B, S, self.heads, d // self.heads)
 
-    def forward(self, query, value, ref, shapes, backend="auto") -> torch.Tensor:
+    def forward(self, query, value, ref, shapes, backend: str) -> torch.Tensor:
         """query (B, Q, d), value from project_value (B, S, nH, hD) -> (B, Q, d)."""
         B, Q, d = query.shape
         nH, L, P = self.heads, self.levels, self.points
@@ -687,15 +709,14 @@ class DeformableLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
         self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim), nn.Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
-        self.p, self.p_act = cfg.dropout, cfg.activation_dropout  # training only
+        self.dropout, self.activation_dropout = nn.Dropout(cfg.dropout), nn.Dropout(cfg.activation_dropout)
 
-    def forward(self, V, pos, mask, ref, shapes, backend):
-        q = V + pos  # before the value projection, as transformers: the same order of gradient sums into V
-        value = self.self_attn.project_value(V, mask)  # (B, S, nH, hD): every image token samples this map
-        a = F.dropout(self.self_attn(q, value, ref, shapes, backend), self.p, self.training)  # (B, S, d)
-        V = self.self_attn_layer_norm(V + a)
-        h = F.dropout(F.relu(self.fc1(V)), self.p_act, self.training)
-        return self.final_layer_norm(V + F.dropout(self.fc2(h), self.p, self.training))
+    def forward(self, vision, pos, mask, ref, shapes, backend: str):
+        q = vision + pos  # before the value projection, as transformers: the same gradient sums into vision
+        value = self.self_attn.project_value(vision, mask)  # (B, S, nH, hD): every image token samples this map
+        vision = self.self_attn_layer_norm(vision + self.dropout(self.self_attn(q, value, ref, shapes, backend)))
+        h = self.activation_dropout(F.relu(self.fc1(vision)))
+        return self.final_layer_norm(vision + self.dropout(self.fc2(h)))
 
 
 class EncoderLayer(nn.Module):
@@ -705,11 +726,10 @@ class EncoderLayer(nn.Module):
         self.text_enhancer_layer = TextEnhancerLayer(cfg)
         self.deformable_layer = DeformableLayer(cfg)
 
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: GroundingDinoConfig):
-        super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.encoder_layers)])
+    def forward(self, vision, text, img_pad, txt_pad, tpos, phrase_bias, lv: Levels, ref, backend: str):
+        vision, text = self.fusion_layer(vision, text, img_pad, txt_pad)  # image <-> text
+        text = self.text_enhancer_layer(text, tpos, phrase_bias)  # text <-> text, within phrases
+        return self.deformable_layer(vision, lv.pos, lv.mask, ref, lv.shapes, backend), text  # image <-> image
 
 
 def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -723,6 +743,25 @@ def encoder_reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor
         rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)  # (B, h*w)
         refs.append(torch.stack((rx, ry), -1))  # (B, h*w, 2)
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2); transformers' exact expression
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: GroundingDinoConfig):
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.encoder_layers)])
+
+    def forward(self, lv: Levels, text: dict, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (B, S, 256) and encode_text's output -> both enhanced, (B, S, 256) and (B, T, 256)."""
+        vision, feats = lv.source, text["features"]
+        ref = encoder_reference_points(lv.shapes, lv.valid_ratios)  # (B, S, L, 2)
+        tpos = sine_embedding(text["position_ids"][..., None].to(feats.dtype), self.d_model)  # (B, T, 256)
+        phrase = text["phrase_mask"][:, None].to(feats.dtype)  # (B, 1, T, T): shared by the heads
+        phrase_bias = (1.0 - phrase) * torch.finfo(phrase.dtype).min  # additive, the dtype's own min, as transformers
+        img_pad, txt_pad = ~lv.mask, ~text["token_mask"]
+        for layer in self.layers:
+            vision, feats = layer(vision, feats, img_pad, txt_pad, tpos, phrase_bias, lv, ref, backend)
+        return vision, feats
 
 
 # -----------------------------------------------------------------------------
@@ -761,12 +800,12 @@ def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes) -> tuple[
         grid = (torch.stack([gx, gy], -1).expand(B, -1, -1, -1) + 0.5) / scale  # (B, h, w, 2) cell centres
         props.append(torch.cat((grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)), -1).view(B, -1, 4))  # (B, h*w, 4)
         start += h * w
-    p = torch.cat(props, 1)  # (B, S, 4)
-    ok = ((p > 0.01) & (p < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
-    p = box_logit(p)  # the clamp to [1e-5, 1 - 1e-5] changes no valid anchor; the others become +inf below
-    p = p.masked_fill(pad.unsqueeze(-1), float("inf")).masked_fill(~ok, float("inf"))  # (B, S, 4)
+    boxes = torch.cat(props, 1)  # (B, S, 4)
+    ok = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
+    boxes = box_logit(boxes)  # the clamp to [1e-5, 1 - 1e-5] changes no valid anchor; the others become +inf below
+    boxes = boxes.masked_fill(pad.unsqueeze(-1), float("inf")).masked_fill(~ok, float("inf"))  # (B, S, 4)
     q = memory.masked_fill(pad.unsqueeze(-1), 0.0).masked_fill(~ok, 0.0)  # (B, S, 256)
-    return q, p
+    return q, boxes
 
 
 # -----------------------------------------------------------------------------
@@ -785,27 +824,44 @@ class DecoderLayer(nn.Module):
         self.encoder_attn_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
         self.fc1, self.fc2 = nn.Linear(d, cfg.decoder_ffn_dim), nn.Linear(cfg.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, cfg.layer_norm_eps)
-        self.p, self.p_act = cfg.dropout, cfg.activation_dropout  # training only
+        self.dropout, self.activation_dropout = nn.Dropout(cfg.dropout), nn.Dropout(cfg.activation_dropout)
 
-    def forward(self, h, qpos, ref, memory, mem_mask, text, text_bias, shapes, backend):
-        p, train = self.p, self.training
+    def forward(self, h, qpos, ref, memory, mem_mask, text, text_bias, shapes, backend: str, self_attn_mask=None):
         q = h + qpos
-        h = self.self_attn_layer_norm(h + F.dropout(self.self_attn(q, q, h), p, train))
-        h = self.encoder_attn_text_layer_norm(h + F.dropout(self.encoder_attn_text(h + qpos, text, text, text_bias),
-                                                            p, train))
+        h = self.self_attn_layer_norm(h + self.dropout(self.self_attn(q, q, h, self_attn_mask)))
+        a = self.encoder_attn_text(h + qpos, text, text, text_bias)  # (B, Q, d): what each query reads in the prompt
+        h = self.encoder_attn_text_layer_norm(h + self.dropout(a))
         value = self.encoder_attn.project_value(memory, mem_mask)  # (B, S, nH, hD)
-        h = self.encoder_attn_layer_norm(h + F.dropout(self.encoder_attn(h + qpos, value, ref, shapes, backend),
-                                                       p, train))
-        a = F.dropout(F.relu(self.fc1(h)), self.p_act, train)
-        return self.final_layer_norm(h + F.dropout(self.fc2(a), p, train))
+        h = self.encoder_attn_layer_norm(h + self.dropout(self.encoder_attn(h + qpos, value, ref, shapes, backend)))
+        a = self.activation_dropout(F.relu(self.fc1(h)))
+        return self.final_layer_norm(h + self.dropout(self.fc2(a)))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: GroundingDinoConfig):
         super().__init__()
+        self.d_model = cfg.d_model
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.decoder_layers)])
         self.layer_norm = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.reference_points_head = MLP([2 * cfg.d_model, cfg.d_model, cfg.d_model])
+
+    def forward(self, target, ref, memory, lv: Levels, text, text_mask, box_head: Callable[[int], MLP], backend: str,
+                self_attn_mask: torch.Tensor | None = None) -> tuple[list, list]:
+        """Queries target (B, Q, 256) at boxes ref (B, Q, 4) -> per layer the layer-normed query features
+        (B, Q, 256) and the refined boxes (B, Q, 4). box_head(i): layer i's box MLP (the model's heads).
+        self_attn_mask: an additive (Q, Q) or (B, 1, Q, Q) mask on the queries' self-attention (None: all see all)."""
+        h = target
+        text_bias = (~text_mask)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, T)
+        hidden, refs = [], []
+        for i, layer in enumerate(self.layers):
+            ref_in = ref[:, :, None] * torch.cat([lv.valid_ratios, lv.valid_ratios], -1)[:, None]  # (B, Q, L, 4)
+            qpos = self.reference_points_head(sine_embedding(ref_in[:, :, 0, :], self.d_model // 2))  # (B, Q, 256)
+            h = layer(h, qpos, ref_in, memory, lv.mask, text, text_bias, lv.shapes, backend, self_attn_mask)
+            # the box is refined from the raw layer output; the heads see the layer-normed one (as upstream)
+            ref = (box_head(i)(h) + box_logit(ref)).sigmoid().detach()
+            hidden.append(self.layer_norm(h))
+            refs.append(ref)
+        return hidden, refs
 
 
 # -----------------------------------------------------------------------------
@@ -844,7 +900,7 @@ class GroundingDinoOutput:
 class GroundingDino(nn.Module):
     def __init__(self, cfg: GroundingDinoConfig, backend: str = "auto"):
         super().__init__()
-        self.cfg, self.backend = cfg, backend
+        self.cfg, self.backend = cfg, backend  # backend: the deformable attention's, see common.resolve_backend
         d, L = cfg.d_model, cfg.num_feature_levels
         self.backbone = SwinBackbone(cfg.backbone)
         self.text_backbone = Bert(cfg.text)
@@ -871,23 +927,13 @@ class GroundingDino(nn.Module):
                              "std": IMAGENET_STD}
         init_weights(self)  # section 12; from_pretrained builds on the meta device, where this costs nothing
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
-                        dtype: torch.dtype | None = None) -> GroundingDino:
-        """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt); section 11.
-        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
-        dtype: the weights' and activations' dtype (torch.bfloat16, or torch.float16 where the device has it); None
-        keeps float32. Position embeddings are computed in float32 and cast, masks use the dtype's own min, and
-        the class logits come out in float32, as in transformers."""
-        return load_checkpoint(name_or_path, revision, backend, dtype)
-
     def box_head(self, i: int) -> MLP:
         return self.bbox_embed[i if len(self.bbox_embed) > 1 else 0]
 
     def class_head(self, i: int) -> ContrastiveHead:
         return self.class_embed[i if len(self.class_embed) > 1 else 0]
 
-    # --- the stages, each callable alone -------------------------------------------------------------------------
+    # --- the stages forward runs, each callable alone -------------------------------------------------------------
 
     def encode_text(self, input_ids, attention_mask, token_type_ids=None) -> dict:
         """Tokens -> projected BERT features (B, T, 256) plus the masks every later stage needs."""
@@ -904,30 +950,17 @@ class GroundingDino(nn.Module):
             srcs.append(self.input_proj_vision[lvl](maps[-1] if lvl == len(maps) else srcs[-1]))
         # nearest-neighbour downsampling of the full-resolution mask (F.interpolate's default)
         masks = [F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]  # (B,h,w)
-        t = self.cfg.positional_embedding_temperature
-        pos = [image_position_embedding(m, self.cfg.d_model, t).to(s.dtype) for m, s in zip(masks, srcs)]  # float32 in
+        temperature = self.cfg.positional_embedding_temperature
+        pos = [image_position_embedding(m, self.cfg.d_model, temperature).to(s.dtype)  # float32 inside
+               for m, s in zip(masks, srcs)]
         return Levels(
             source=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),  # (B, S, 256)
             mask=torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
-            pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-                           for lvl, p in enumerate(pos)], 1),  # (B, S, 256): level embedding on positions only
+            pos=torch.cat([pe.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                           for lvl, pe in enumerate(pos)], 1),  # (B, S, 256): level embedding on positions only
             shapes=[tuple(s.shape[-2:]) for s in srcs],
             valid_ratios=torch.stack([valid_ratio(m, srcs[0].dtype) for m in masks], 1),  # (B, L, 2)
             maps=srcs)
-
-    def encode(self, lv: Levels, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The feature enhancer: per layer fusion, text self-attention (within phrases), deformable self-attention."""
-        V, T = lv.source, text["features"]
-        img_pad, txt_pad = ~lv.mask, ~text["token_mask"]
-        ref = encoder_reference_points(lv.shapes, lv.valid_ratios)  # (B, S, L, 2)
-        tpos = sine_embedding(text["position_ids"][..., None].to(T.dtype), self.cfg.d_model)  # (B, T, 256)
-        phrase = text["phrase_mask"][:, None].to(T.dtype)  # (B, 1, T, T): shared by the heads
-        phrase_bias = (1.0 - phrase) * torch.finfo(phrase.dtype).min  # additive, the dtype's own min, as transformers
-        for layer in self.encoder.layers:
-            V, T = layer.fusion_layer(V, T, img_pad, txt_pad)
-            T = layer.text_enhancer_layer(T, tpos, phrase_bias)
-            V = layer.deformable_layer(V, lv.pos, lv.mask, ref, lv.shapes, self.backend)
-        return V, T
 
     def select_queries(self, memory, lv: Levels, text_feats, text_mask) -> dict:
         """Score every image token against the text; the top Q (sorted: the rank picks the target embedding)
@@ -942,24 +975,9 @@ class GroundingDino(nn.Module):
         return {"enc_outputs_class": enc_class, "enc_outputs_coord_logits": enc_coord, "topk_indices": topk,
                 "init_reference_points": ref}
 
-    def decode(self, ref, memory, lv: Levels, text_feats, text_mask) -> tuple[list, list]:
-        """Returns per layer the layer-normed query features (B, Q, 256) and the refined boxes (B, Q, 4)."""
-        B = memory.shape[0]
-        h = self.query_position_embeddings.weight.unsqueeze(0).repeat(B, 1, 1)  # (B, Q, 256): learned targets
-        text_bias = (~text_mask)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, T)
-        hidden, refs = [], []
-        for i, layer in enumerate(self.decoder.layers):
-            ref_in = ref[:, :, None] * torch.cat([lv.valid_ratios, lv.valid_ratios], -1)[:, None]  # (B, Q, L, 4)
-            qpos = self.decoder.reference_points_head(sine_embedding(ref_in[:, :, 0, :], self.cfg.d_model // 2))
-            h = layer(h, qpos, ref_in, memory, lv.mask, text_feats, text_bias, lv.shapes, self.backend)
-            # the box is refined from the raw layer output; the heads below see the layer-normed one (as upstream)
-            ref = (self.box_head(i)(h) + box_logit(ref)).sigmoid().detach()
-            hidden.append(self.decoder.layer_norm(h))
-            refs.append(ref)
-        return hidden, refs
-
-    def heads(self, hidden, init_ref, refs, text_feats, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits and boxes of the last decoder layer (the head of layer i uses layer i-1's reference)."""
+    def predict(self, hidden, init_ref, refs, text_feats, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads on the last decoder layer: class logits (B, Q, 256) and boxes (B, Q, 4); the box head of layer
+        i refines layer i-1's box."""
         i = len(hidden) - 1
         inter = torch.stack(hidden, 1)[:, i]  # (B, Q, 256); sliced from the stack as transformers does
         prev = init_ref if i == 0 else torch.stack(refs, 1)[:, i - 1]  # (B, Q, 4)
@@ -988,10 +1006,12 @@ class GroundingDino(nn.Module):
         maps = self.backbone(pixel_values) if backbone_maps is None else backbone_maps  # 3 (4) x (B, C_l, H_l, W_l)
         text = self.encode_text(input_ids, attention_mask, token_type_ids) if text is None else text  # (B, T, 256)
         lv = self.prepare_levels(maps, pixel_mask)  # (B, S, 256) and layout
-        memory, text_feats = self.encode(lv, text)  # (B, S, 256), (B, T, 256)
+        memory, text_feats = self.encoder(lv, text, self.backend)  # (B, S, 256), (B, T, 256)
         sel = self.select_queries(memory, lv, text_feats, text["token_mask"])  # top-Q boxes (B, Q, 4)
-        hidden, refs = self.decode(sel["init_reference_points"], memory, lv, text_feats, text["token_mask"])
-        logits, boxes = self.heads(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
+        target = self.query_position_embeddings.weight.unsqueeze(0).repeat(B, 1, 1)  # (B, Q, 256): learned queries
+        hidden, refs = self.decoder(target, sel["init_reference_points"], memory, lv, text_feats, text["token_mask"],
+                                    self.box_head, self.backend)
+        logits, boxes = self.predict(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
         stages = None
         if return_stages or labels is not None:
             stages = {"backbone": maps, "text_features": text["features"], "text_position_ids": text["position_ids"],
@@ -1003,104 +1023,26 @@ class GroundingDino(nn.Module):
             out.stages = stages if return_stages else None
         return out
 
-    def resize(self, size: tuple[int, int] | None = None) -> tuple[int, int]:
-        """The (shortest, longest) edges images are resized to: `size` if given, else the checkpoint's preprocessor."""
-        if size is None:
-            return self.preprocessor["shortest"], self.preprocessor["longest"]
-        if not (isinstance(size, (tuple, list)) and len(size) == 2
-                and all(isinstance(e, int) and not isinstance(e, bool) and e >= 32 for e in size)):
-            raise InputError(f"size must be two whole numbers (shortest edge, longest edge) of at least 32, "
-                             f"e.g. (480, 800); got {size!r}")
-        return size[0], size[1]
 
-    @torch.inference_mode()
-    def encode_prompt(self, prompt: str | Sequence[str]) -> EncodedPrompt:
-        """The text branch (tokens, BERT, projection) of one prompt, for detect to take in place of the prompt."""
-        dev = self.level_embed.device
-        chunks = chunk_prompt(self.tokenizer, prompt, self.cfg.max_text_len)
-        tokens = [{k: v.to(dev) for k, v in tokenize(self.tokenizer, [c]).items()} for c in chunks]
-        text = [self.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"]) for t in tokens]
-        return EncodedPrompt(chunks, tokens, text, [len(split_phrases(c)) for c in chunks])
-
-    @torch.inference_mode()
-    def encode_image(self, image, size: tuple[int, int] | None = None) -> EncodedImage:
-        """The preprocessing and backbone of one image, for detect to take in place of the image; size as detect's."""
-        resize = self.resize(size)
-        pixel_values, pixel_mask, sizes = preprocess_images([image], *resize, self.preprocessor["mean"],
-                                                            self.preprocessor["std"])
-        pixel_values = pixel_values.to(self.level_embed.device, self.level_embed.dtype)  # the model's dtype
-        return EncodedImage(pixel_values, pixel_mask.to(pixel_values.device), sizes[0], resize,
-                            self.backbone(pixel_values))
-
-    @torch.inference_mode()
-    def detect(self, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25,
-               size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
-               class_agnostic: bool = False) -> dict | list[dict]:
-        """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
-        {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)}, as transformers' processor + model +
-        post-processing return for that image, plus "label_ids": for each box the index of its best-scoring label
-        in the prompt (a class id).
-
-        size: (shortest, longest) edges to resize to, as the processor's size={"shortest_edge", "longest_edge"};
-        None: the checkpoint's. nms: an IoU above which a box is dropped for a better one of the same label (of any
-        label with class_agnostic), common.nms; top_k: keep the k best. With either, results are sorted by score;
-        without (the default), they are transformers' (query order, no NMS).
-
-        Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
-        padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
-        image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
-        tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
-        chunk. The backbone (encode_image) and BERT (encode_prompt) are what can be reused; the feature enhancer mixes
-        the text into the image tokens, so nothing after them is shared.
-        """
-        threshold = check_threshold("threshold", threshold)
-        text_threshold = check_threshold("text_threshold", text_threshold)
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        if not images:
-            raise InputError("no images given")
-        resize = self.resize(size)
-        encoded = {}  # id(prompt) -> EncodedPrompt: a prompt shared by several images goes through BERT once
-        results = []
-        for img, prompt in zip(images, prompts_per_image(prompts, len(images))):
-            if not isinstance(prompt, EncodedPrompt):
-                if id(prompt) not in encoded:
-                    encoded[id(prompt)] = self.encode_prompt(prompt)
-                prompt = encoded[id(prompt)]
-            if isinstance(img, EncodedImage) and size is not None and img.resize != resize:
-                raise InputError(f"the image was encoded at size {img.resize}, detect was asked for {resize}")
-            img = img if isinstance(img, EncodedImage) else self.encode_image(img, resize)
-            parts, offset = [], 0
-            for tok, text, n_labels in zip(prompt.tokens, prompt.text, prompt.labels):
-                out = self(img.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
-                           img.pixel_mask, backbone_maps=img.maps, text=text)
-                part = post_process(out.logits, out.pred_boxes, tok["input_ids"], self.tokenizer, threshold,
-                                    text_threshold, [img.size])[0]
-                part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
-                offset += n_labels
-                parts.append(part)
-            r = {"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
-                 "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
-                 "labels": [lab for p in parts for lab in p["labels"]],
-                 "label_ids": torch.cat([p["label_ids"] for p in parts])}
-            results.append(common.best_detections(r, nms, top_k, None if class_agnostic else r["label_ids"]))
-        return results[0] if single else results
+# -----------------------------------------------------------------------------
+# 10. Detection: images and prompts in, boxes in pixels out (detect), with what it can reuse (encode_image,
+#     encode_prompt), the chunking of long label lists, and post-processing as transformers'
+#     GroundingDinoProcessor.post_process_grounded_object_detection
 
 
 @dataclass
 class EncodedPrompt:
-    """A prompt through the text branch once (GroundingDino.encode_prompt): it depends on the prompt alone, so detect
-    takes it in place of the prompt, for any number of images."""
-    chunks: list[str]  # the prompt's texts of at most max_text_len tokens, whole labels each
-    tokens: list[dict]  # per chunk: input_ids, attention_mask, token_type_ids (1, T)
+    """A prompt through the text branch once (model.encode_prompt): it depends on the prompt alone, so detect takes
+    it in place of the prompt, for any number of images."""
+    tokens: list[dict]  # per chunk of whole labels: input_ids, attention_mask, token_type_ids (1, T)
     text: list[dict]  # per chunk: encode_text's output, features (1, T, 256) and masks
     labels: list[int]  # per chunk: its number of labels (label_ids count on across chunks)
 
 
 @dataclass
 class EncodedImage:
-    """An image through preprocessing and the backbone once (GroundingDino.encode_image): they depend on the image
-    alone, so detect takes it in place of the image, for any number of prompts."""
+    """An image through preprocessing and the backbone once (model.encode_image): they depend on the image alone,
+    so detect takes it in place of the image, for any number of prompts."""
     pixel_values: torch.Tensor  # (1, 3, H, W)
     pixel_mask: torch.Tensor  # (1, H, W)
     size: tuple[int, int]  # the original (height, width): boxes are scaled to it
@@ -1108,234 +1050,96 @@ class EncodedImage:
     maps: list  # the backbone's 3 (4) x (1, C_l, H_l, W_l)
 
 
-# -----------------------------------------------------------------------------
-# 10. Post-processing, as transformers' GroundingDinoProcessor.post_process_grounded_object_detection
+def resize_edges(model: GroundingDino, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The (shortest, longest) edges images are resized to: `size` if given, else the checkpoint's preprocessor."""
+    if size is None:
+        return model.preprocessor["shortest"], model.preprocessor["longest"]
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(e, int) and not isinstance(e, bool) and e >= 32 for e in size)):
+        raise InputError(f"size must be two whole numbers (shortest edge, longest edge) of at least 32, "
+                         f"e.g. (480, 800); got {size!r}")
+    return size[0], size[1]
 
 
-def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, tokenizer,
-                 threshold: float = 0.25, text_threshold: float = 0.25,
-                 target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
-    """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings], "label_ids" (n,)}.
+@torch.inference_mode()
+def encode_prompt(model: GroundingDino, prompt: str | Sequence[str]) -> EncodedPrompt:
+    """The text branch (tokens, BERT, projection) of one prompt, for detect to take in place of the prompt."""
+    dev = model.level_embed.device
+    chunks = chunk_prompt(model.tokenizer, prompt, model.cfg.max_text_len)
+    tokens = [{k: v.to(dev) for k, v in tokenize(model.tokenizer, [c]).items()} for c in chunks]
+    text = [model.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"]) for t in tokens]
+    return EncodedPrompt(tokens, text, [len(split_phrases(c)) for c in chunks])
 
-    score = max over the prompt's tokens of sigmoid(logit) ([CLS] and '.' included); a query is kept when score >
-    threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
-    A label is the prompt's tokens scoring above text_threshold; like transformers, column 0 ([CLS]) and columns
-    from max_text_len - 1 on are dropped, while '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'.
+
+@torch.inference_mode()
+def encode_image(model: GroundingDino, image, size: tuple[int, int] | None = None) -> EncodedImage:
+    """The preprocessing and backbone of one image, for detect to take in place of the image; size as detect's."""
+    resize = resize_edges(model, size)
+    pixel_values, pixel_mask, sizes = preprocess_images([image], *resize, model.preprocessor["mean"],
+                                                        model.preprocessor["std"])
+    pixel_values = pixel_values.to(model.level_embed.device, model.level_embed.dtype)  # the model's dtype
+    return EncodedImage(pixel_values, pixel_mask.to(pixel_values.device), sizes[0], resize,
+                        model.backbone(pixel_values))
+
+
+@torch.inference_mode()
+def detect(model: GroundingDino, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25,
+           size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
+           class_agnostic: bool = False) -> dict | list[dict]:
+    """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
+    {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)}, as transformers' processor + model +
+    post-processing return for that image, plus "label_ids": for each box the index of its best-scoring label
+    in the prompt (a class id). Scores and boxes are float32 whatever the model's dtype.
+
+    size: (shortest, longest) edges to resize to, as the processor's size={"shortest_edge", "longest_edge"};
+    None: the checkpoint's. nms: an IoU above which a box is dropped for a better one of the same label (of any
+    label with class_agnostic), common.nms; top_k: keep the k best. With either, results are sorted by score;
+    without (the default), they are transformers' (query order, no NMS).
+
+    Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
+    padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
+    image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
+    tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
+    chunk. The backbone (encode_image) and BERT (encode_prompt) are what can be reused; the feature enhancer mixes
+    the text into the image tokens, so nothing after them is shared.
     """
-    probs = torch.sigmoid(logits)  # (B, Q, max_text_len)
-    scores = torch.max(probs, dim=-1)[0]  # (B, Q)
-    boxes = center_to_corners(pred_boxes)  # (B, Q, 4) xyxy in [0, 1]
-    if target_sizes is not None:
-        scale = torch.tensor([[float(w), float(h)] * 2 for h, w in target_sizes])  # (B, 4) w, h, w, h
-        boxes = boxes * scale[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
+    threshold = check_threshold("threshold", threshold)
+    text_threshold = check_threshold("text_threshold", text_threshold)
+    single = not isinstance(images, (list, tuple))
+    images = [images] if single else list(images)
+    if not images:
+        raise InputError("no images given")
+    resize = resize_edges(model, size)
+    encoded = {}  # id(prompt) -> EncodedPrompt: a prompt shared by several images goes through BERT once
     results = []
-    for b in range(logits.shape[0]):
-        keep = scores[b] > threshold
-        pos = probs[b][keep] > text_threshold  # (n, max_text_len)
-        pos[:, 0] = False
-        pos[:, pos.shape[-1] - 1:] = False
-        token_ids = [[int(input_ids[b, i]) for i in row.nonzero(as_tuple=True)[0].tolist()] for row in pos]
-        results.append({"scores": scores[b][keep], "boxes": boxes[b][keep],
-                        "labels": [tokenizer.decode(t, skip_special_tokens=False) for t in token_ids],
-                        "label_ids": phrase_ids(probs[b][keep], input_ids[b], special_tokens(tokenizer))})
-    return results
+    for img, prompt in zip(images, prompts_per_image(prompts, len(images))):
+        if not isinstance(prompt, EncodedPrompt):
+            if id(prompt) not in encoded:
+                encoded[id(prompt)] = encode_prompt(model, prompt)
+            prompt = encoded[id(prompt)]
+        if isinstance(img, EncodedImage) and size is not None and img.resize != resize:
+            raise InputError(f"the image was encoded at size {img.resize}, detect was asked for {resize}")
+        img = img if isinstance(img, EncodedImage) else encode_image(model, img, resize)
+        parts, offset = [], 0
+        for tok, text, n_labels in zip(prompt.tokens, prompt.text, prompt.labels):
+            out = model(img.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
+                        img.pixel_mask, backbone_maps=img.maps, text=text)
+            part = post_process(out.logits, out.pred_boxes, tok["input_ids"], model.tokenizer, threshold,
+                                text_threshold, [img.size])[0]
+            part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
+            offset += n_labels
+            parts.append(part)
+        r = {"scores": torch.cat([p["scores"] for p in parts]),  # chunk after chunk, query order within
+             "boxes": torch.cat([p["boxes"] for p in parts]),  # (n, 4)
+             "labels": [lab for p in parts for lab in p["labels"]],
+             "label_ids": torch.cat([p["label_ids"] for p in parts])}
+        results.append(common.best_detections(r, nms, top_k, None if class_agnostic else r["label_ids"]))
+    return results[0] if single else results
 
 
-def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    """(n, max_text_len) kept queries' token probabilities -> (n,) index of the phrase (label) that holds the best
-    word token: a class id, which transformers does not give. Phrase k is the run before the (k+1)-th '.' or '?'."""
-    ids = input_ids.to(probs.device)
-    stop = torch.isin(ids, torch.tensor([special.dot, special.question], device=ids.device)).long()  # (T,) 1 at . ?
-    phrase = torch.cumsum(stop, 0) - stop  # (T,) the number of stops strictly before each token
-    word = ~torch.isin(ids, torch.tensor(special.delimiters + (special.pad,), device=ids.device))  # (T,) label tokens
-    p = probs[:, : ids.shape[0]].masked_fill(~word, -1.0)  # (n, T): only word tokens compete
-    return phrase[p.argmax(-1)]  # (n,)
-
-
-# -----------------------------------------------------------------------------
-# 11. Loading and saving: the checkpoint key map, from_pretrained, save_pretrained, chunking of long label lists
-
-# file key (after the prefix) -> our name: every matching rule rewrites it in turn; None drops the key on purpose.
-SWIN_RULES = [  # legacy (4.x Hub files) and 5.x names of the same tensors
-    (r"^(swin\.)?layernorm\.", None),  # SwinModel's final norm: the backbone never uses it
-    (r"\.relative_position_index$", None),  # a constant, recomputed in SwinBlock.forward
-    (r"^(swin\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed."),
-    (r"^(swin\.)?embeddings\.norm\.", "patch_norm."),
-    (r"^(swin\.)?encoder\.layers\.(\d+)\.", r"stages.\2."),
-    (r"\.attention\.self\.query\.|\.attention\.q_proj\.", ".query."),
-    (r"\.attention\.self\.key\.|\.attention\.k_proj\.", ".key."),
-    (r"\.attention\.self\.value\.|\.attention\.v_proj\.", ".value."),
-    (r"\.attention\.(self|relative_position_bias)\.relative_position_bias_table$", ".relative_position_bias_table"),
-    (r"\.attention\.output\.dense\.|\.attention\.o_proj\.", ".proj."),
-    (r"\.intermediate\.dense\.|\.mlp\.fc1\.", ".fc1."),
-    (r"\.output\.dense\.|\.mlp\.fc2\.", ".fc2."),
-]
-BERT_RULES = [
-    (r"^embeddings\.(position_ids|token_type_ids)$", None),  # constant buffers
-    (r"^pooler\.", None),  # unused by Grounding DINO (absent from Hub files)
-    (r"^embeddings\.LayerNorm\.", "embeddings_norm."),
-    (r"^embeddings\.", ""),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"layers.\1."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention_dense."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention_norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.intermediate."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.output."),
-    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.output_norm."),
-]
-
-
-def apply_rules(key: str, rules) -> str | None:
-    for pattern, repl in rules:
-        if re.search(pattern, key):
-            if repl is None:
-                return None
-            key = re.sub(pattern, repl, key, count=1)
-    return key
-
-
-def key_map_for(cfg: GroundingDinoConfig):
-    """The port in one function: Hub key -> our parameter name (None = dropped on purpose).
-
-    Heads: transformers keeps the decoder's box (and MM class) heads twice, as `bbox_embed.i` and
-    `model.decoder.bbox_embed.i`, and files store some of those copies (grounding-dino-tiny only `bbox_embed.0`).
-    Every copy of layer i maps to our head i, or to our single head 0 when the config shares it; load_weights
-    then checks that copies landing on one parameter are equal.
-    """
-    def key_map(key: str) -> str | None:
-        for prefix, ours, rules in (("model.backbone.conv_encoder.model.", "backbone.", SWIN_RULES),
-                                    ("model.text_backbone.", "text_backbone.", BERT_RULES)):
-            if key.startswith(prefix):
-                name = apply_rules(key.removeprefix(prefix), rules)
-                return None if name is None else ours + name
-        m = re.match(r"^(?:model\.decoder\.)?(bbox_embed|class_embed)\.(\d+)\.(.*)$", key)
-        if m:
-            head, i, rest = m.groups()
-            shared = cfg.share_box if head == "bbox_embed" else cfg.share_cls
-            return f"{head}.{0 if shared else int(i)}.{rest}"
-        return key.removeprefix("model.")  # the body: our names are transformers' names
-
-    return key_map
-
-
-# Saving: our name -> the transformers key (key_map's inverse), the same rules read the other way
-SAVE_RULES = [
-    (r"^backbone\.patch_embed\.", "model.backbone.conv_encoder.model.embeddings.patch_embeddings.projection."),
-    (r"^backbone\.patch_norm\.", "model.backbone.conv_encoder.model.embeddings.norm."),
-    (r"^backbone\.stages\.", "model.backbone.conv_encoder.model.encoder.layers."),
-    (r"^backbone\.", "model.backbone.conv_encoder.model."),
-    (r"(\.blocks\.\d+)\.(query|key|value|relative_position_bias_table)\b", r"\1.attention.self.\2"),
-    (r"(\.blocks\.\d+)\.proj\.", r"\1.attention.output.dense."),
-    (r"(\.blocks\.\d+)\.fc1\.", r"\1.intermediate.dense."),
-    (r"(\.blocks\.\d+)\.fc2\.", r"\1.output.dense."),
-    (r"^text_backbone\.embeddings_norm\.", "model.text_backbone.embeddings.LayerNorm."),
-    (r"^text_backbone\.(\w+_embeddings)\.", r"model.text_backbone.embeddings.\1."),
-    (r"^text_backbone\.layers\.", "model.text_backbone.encoder.layer."),
-    (r"(\.layer\.\d+)\.(query|key|value)\.", r"\1.attention.self.\2."),
-    (r"(\.layer\.\d+)\.attention_dense\.", r"\1.attention.output.dense."),
-    (r"(\.layer\.\d+)\.attention_norm\.", r"\1.attention.output.LayerNorm."),
-    (r"(\.layer\.\d+)\.intermediate\.", r"\1.intermediate.dense."),
-    (r"(\.layer\.\d+)\.output\.", r"\1.output.dense."),
-    (r"(\.layer\.\d+)\.output_norm\.", r"\1.output.LayerNorm."),
-    (r"^(?!model\.|bbox_embed\.|class_embed\.)", "model."),  # the body: transformers' names under model.
-]
-
-
-def config_json(cfg: GroundingDinoConfig) -> dict:
-    """The config as a Hub config.json (backbone_config and text_config nested, unset head-sharing flags left out)."""
-    top = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("backbone", "text")}
-    arch = "MMGroundingDinoForObjectDetection" if cfg.is_mm else "GroundingDinoForObjectDetection"
-    return {"architectures": [arch],
-            **{k: v for k, v in top.items() if v is not None},
-            "backbone_config": {"model_type": "swin", **asdict(cfg.backbone)},
-            "text_config": {"model_type": "bert", **asdict(cfg.text)}}
-
-
-def save_pretrained(model: GroundingDino, folder: str | Path) -> None:
-    """Write config.json, model.safetensors (transformers' key names), tokenizer.json and preprocessor_config.json
-    (the model's resize and normalisation) to `folder`: what from_pretrained, and transformers, read."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ours = model.state_dict()
-    state = {apply_rules(k, SAVE_RULES): v.detach().contiguous() for k, v in ours.items()}
-    assert [key_map_for(model.cfg)(k) for k in state] == list(ours), "SAVE_RULES are not the key map's inverse"
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
-    model.tokenizer.save(str(folder / "tokenizer.json"))
-    p = model.preprocessor
-    pre = {"image_processor_type": "GroundingDinoImageProcessor", "processor_class": "GroundingDinoProcessor",
-           "do_resize": True, "size": {"shortest_edge": p["shortest"], "longest_edge": p["longest"]}, "resample": 2,
-           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p["mean"]),
-           "image_std": list(p["std"]), "do_pad": True}
-    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-
-
-GroundingDino.save_pretrained = save_pretrained  # beside from_pretrained, defined here with the key map it inverts
-
-
-def read_preprocessor(folder: Path) -> dict:
-    f = folder / "preprocessor_config.json"
-    try:
-        c = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise LoadError(f"cannot read {f}: {e}") from None
-    size = c.get("size") or {}
-    return {"shortest": size.get("shortest_edge", SHORTEST_EDGE),
-            "longest": size.get("longest_edge", c.get("max_size", LONGEST_EDGE)),
-            "mean": tuple(c.get("image_mean", IMAGENET_MEAN)), "std": tuple(c.get("image_std", IMAGENET_STD))}
-
-
-def header_shapes(files: Sequence[Path]) -> dict[str, tuple]:
-    """key -> shape from the safetensors headers, without reading the tensors ({} if unreadable: load_weights then
-    says so by name)."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes = {}
-    try:
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
-    except (OSError, SafetensorError):
-        return {}
-    return shapes
-
-
-def checkpoint_config(folder: Path) -> GroundingDinoConfig:
-    """config.json, completed from the weights where an MM checkpoint's config is silent: converted before the share
-    flags existed, such files store heads for decoder layers 1.. when those are per-layer."""
-    cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
-    if cfg.is_mm and None in (cfg.decoder_bbox_embed_share, cfg.decoder_cls_embed_share):
-        shapes = header_shapes(common.weight_files(folder))
-        layers = {m.group(1) for k in shapes if (m := re.match(r"^(?:model\.decoder\.)?(\w+_embed)\.[1-9]", k))}
-        if cfg.decoder_bbox_embed_share is None:
-            cfg.decoder_bbox_embed_share = "bbox_embed" not in layers
-        if cfg.decoder_cls_embed_share is None:
-            cfg.decoder_cls_embed_share = "class_embed" not in layers
-    return cfg
-
-
-def load_checkpoint(name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
-                    dtype: torch.dtype | None = None) -> GroundingDino:
-    common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
-    dtype = common.check_dtype(dtype)
-    folder = common.resolve_checkpoint(name_or_path, revision)
-    cfg = checkpoint_config(folder)
-    files = common.weight_files(folder)
-    # some MM converters store the scalar class bias as (1,): broadcasting makes it the same
-    shapes = header_shapes(files) if cfg.is_mm else {}
-    bias_shape = next((s for k, s in shapes.items() if re.search(r"class_embed(\.\d+)?\.bias$", k)), ())
-    with torch.device("meta"):  # no random init of 172M+ parameters that the checkpoint overwrites anyway
-        model = GroundingDino(cfg, backend=backend)
-    model = model.to_empty(device="cpu").to(dtype)  # load_weights casts the file's tensors to it
-    if bias_shape == (1,):
-        for head in [model.encoder_output_class_embed, *model.class_embed]:
-            head.bias = nn.Parameter(torch.zeros(1))
-    common.load_weights(model, files, key_map_for(cfg))
-    model.tokenizer = load_tokenizer(folder)
-    model.preprocessor = read_preprocessor(folder)
-    model.name, model.revision = str(name_or_path), revision
-    return model.eval()
+GroundingDino.encode_prompt = encode_prompt  # methods of the model, defined here to keep the model class the model
+GroundingDino.encode_image = encode_image
+GroundingDino.detect = detect
 
 
 def split_phrases(prompt: str | Sequence[str]) -> list[str]:
@@ -1383,6 +1187,245 @@ def prompts_per_image(prompts, n: int) -> list:
     if isinstance(prompts, (list, tuple)) and len(prompts) == n:
         return list(prompts)
     raise InputError(f"give one prompt for all images or one per image; got {len(prompts)} prompts for {n} images")
+
+
+def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, tokenizer,
+                 threshold: float = 0.25, text_threshold: float = 0.25,
+                 target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+    """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings], "label_ids" (n,)}.
+
+    score = max over the prompt's tokens of sigmoid(logit) ([CLS] and '.' included); a query is kept when score >
+    threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
+    A label is the prompt's tokens scoring above text_threshold; like transformers, column 0 ([CLS]) and columns
+    from max_text_len - 1 on are dropped, while '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'.
+    In float32 whatever the model's dtype: corners and pixels computed in bfloat16 would round the network's boxes
+    once more to its 8 significant bits (a coordinate between 512 and 1024 pixels onto a multiple of 4).
+    """
+    probs = torch.sigmoid(logits.float())  # (B, Q, max_text_len)
+    scores = torch.max(probs, dim=-1)[0]  # (B, Q)
+    boxes = center_to_corners(pred_boxes.float())  # (B, Q, 4) xyxy in [0, 1]
+    if target_sizes is not None:
+        scale = torch.tensor([[float(w), float(h)] * 2 for h, w in target_sizes])  # (B, 4) w, h, w, h
+        boxes = boxes * scale[:, None, :].to(boxes.device)  # (B, Q, 4) pixels
+    results = []
+    for b in range(logits.shape[0]):
+        keep = scores[b] > threshold
+        pos = probs[b][keep] > text_threshold  # (n, max_text_len)
+        pos[:, 0] = False
+        pos[:, pos.shape[-1] - 1:] = False
+        token_ids = [[int(input_ids[b, i]) for i in row.nonzero(as_tuple=True)[0].tolist()] for row in pos]
+        results.append({"scores": scores[b][keep], "boxes": boxes[b][keep],
+                        "labels": [tokenizer.decode(t, skip_special_tokens=False) for t in token_ids],
+                        "label_ids": phrase_ids(probs[b][keep], input_ids[b], special_tokens(tokenizer))})
+    return results
+
+
+def phrase_ids(probs: torch.Tensor, input_ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """(n, max_text_len) kept queries' token probabilities -> (n,) index of the phrase (label) that holds the best
+    word token: a class id, which transformers does not give. Phrase k is the run before the (k+1)-th '.' or '?'."""
+    ids = input_ids.to(probs.device)
+    stop = torch.isin(ids, torch.tensor([special.dot, special.question], device=ids.device)).long()  # (T,) 1 at . ?
+    phrase = torch.cumsum(stop, 0) - stop  # (T,) the number of stops strictly before each token
+    word = ~torch.isin(ids, torch.tensor(special.delimiters + (special.pad,), device=ids.device))  # (T,) label tokens
+    p = probs[:, : ids.shape[0]].masked_fill(~word, -1.0)  # (n, T): only word tokens compete
+    return phrase[p.argmax(-1)]  # (n,)
+
+
+# -----------------------------------------------------------------------------
+# 11. Loading and saving: the checkpoint key map (one table, read both ways), from_pretrained, save_pretrained
+
+SWIN, BERT = "model.backbone.conv_encoder.model.", "model.text_backbone."
+BLOCK, OUR_BLOCK = SWIN + "encoder.layers.#.blocks.#.", "backbone.stages.#.blocks.#."  # "#": a layer number
+
+# The port in one table: (the checkpoint's name, ours), each the start of a key whose rest (".weight", ".bias")
+# carries over. Loading reads it left to right, saving right to left; the longest entry that fits a key wins.
+# The left names are the Hub files' and what transformers' save_pretrained writes.
+KEY_TABLE = [
+    (SWIN + "embeddings.patch_embeddings.projection.", "backbone.patch_embed."),
+    (SWIN + "embeddings.norm.", "backbone.patch_norm."),
+    (BLOCK + "attention.self.query.", OUR_BLOCK + "query."),
+    (BLOCK + "attention.self.key.", OUR_BLOCK + "key."),
+    (BLOCK + "attention.self.value.", OUR_BLOCK + "value."),
+    (BLOCK + "attention.self.relative_position_bias_table", OUR_BLOCK + "relative_position_bias_table"),
+    (BLOCK + "attention.output.dense.", OUR_BLOCK + "proj."),
+    (BLOCK + "intermediate.dense.", OUR_BLOCK + "fc1."),
+    (BLOCK + "output.dense.", OUR_BLOCK + "fc2."),
+    (SWIN + "encoder.layers.", "backbone.stages."),  # the blocks' norms and the downsampling keep their names
+    (SWIN, "backbone."),  # hidden_states_norms
+    (BERT + "embeddings.LayerNorm.", "text_backbone.embeddings_norm."),
+    (BERT + "embeddings.", "text_backbone."),  # word_, position_, token_type_embeddings
+    (BERT + "encoder.layer.#.attention.self.", "text_backbone.layers.#."),  # query, key, value
+    (BERT + "encoder.layer.#.attention.output.dense.", "text_backbone.layers.#.attention_dense."),
+    (BERT + "encoder.layer.#.attention.output.LayerNorm.", "text_backbone.layers.#.attention_norm."),
+    (BERT + "encoder.layer.#.intermediate.dense.", "text_backbone.layers.#.intermediate."),
+    (BERT + "encoder.layer.#.output.dense.", "text_backbone.layers.#.output."),
+    (BERT + "encoder.layer.#.output.LayerNorm.", "text_backbone.layers.#.output_norm."),
+    ("bbox_embed.", "bbox_embed."),  # the decoder's heads sit outside `model.` (shared ones: see key_map_for)
+    ("class_embed.", "class_embed."),
+    ("model.", ""),  # the rest: our names are transformers' names
+]
+LOAD_ONLY = [  # names loading also reads, and never writes; None drops the key on purpose
+    (SWIN + "layernorm.", None),  # SwinModel's final norm: the backbone never uses it
+    (BLOCK + "attention.self.relative_position_index", None),  # a constant, recomputed in SwinBlock.forward
+    (BERT + "embeddings.position_ids", None),  # constant buffers
+    (BERT + "embeddings.token_type_ids", None),
+    (BERT + "pooler.", None),  # unused by Grounding DINO (absent from Hub files)
+    ("model.decoder.bbox_embed.", "bbox_embed."),  # transformers' second name of each decoder head
+    ("model.decoder.class_embed.", "class_embed."),
+]
+# Swin's tensors as transformers 5.x names them in memory (state dicts saved without save_pretrained): loading
+# reads each such part of a key as the file's name for it, then the table
+SWIN_5X = {".swin.": ".", ".attention.q_proj.": ".attention.self.query.", ".attention.k_proj.": ".attention.self.key.",
+           ".attention.v_proj.": ".attention.self.value.", ".attention.o_proj.": ".attention.output.dense.",
+           ".attention.relative_position_bias.": ".attention.self.", ".mlp.fc1.": ".intermediate.dense.",
+           ".mlp.fc2.": ".output.dense."}
+
+
+def rename(key: str, table: list[tuple[str, str | None]]) -> str | None:
+    """key through the longest entry of table whose left side starts it, numbers carried over (None: dropped);
+    the key unchanged where no entry fits."""
+    fits = [(left, right, m) for left, right in table
+            if (m := re.match(re.escape(left).replace(r"\#", r"(\d+)"), key))]  # "#" matches a layer number
+    if not fits:
+        return key
+    _, right, m = max(fits, key=lambda fit: len(fit[0]))
+    if right is None:
+        return None
+    for number in m.groups():
+        right = right.replace("#", number, 1)
+    return right + key[m.end():]
+
+
+def key_map_for(cfg: GroundingDinoConfig) -> Callable[[str], str | None]:
+    """A checkpoint's key -> our parameter name (None = dropped on purpose), by KEY_TABLE and LOAD_ONLY.
+
+    Heads: transformers keeps the decoder's box (and MM class) heads twice, as `bbox_embed.i` and
+    `model.decoder.bbox_embed.i`, and files store some of those copies (grounding-dino-tiny only `bbox_embed.0`).
+    Every copy of layer i maps to our head i, or to our single head 0 when the config shares it; load_weights
+    then checks that copies landing on one parameter are equal.
+    """
+    def key_map(key: str) -> str | None:
+        if key.startswith(SWIN):  # transformers 5.x's names first become the file's
+            for name_5x, name in SWIN_5X.items():
+                key = key.replace(name_5x, name)
+        name = rename(key, KEY_TABLE + LOAD_ONLY)
+        m = re.match(r"^(bbox_embed|class_embed)\.(\d+)\.(.*)$", name or "")
+        if m:
+            head, i, rest = m.groups()
+            shared = cfg.share_box if head == "bbox_embed" else cfg.share_cls
+            return f"{head}.{0 if shared else int(i)}.{rest}"
+        return name
+
+    return key_map
+
+
+def checkpoint_key(name: str) -> str:
+    """Our parameter name -> the checkpoint's key, as save_pretrained writes it: KEY_TABLE read right to left."""
+    return rename(name, [(ours, theirs) for theirs, ours in KEY_TABLE])
+
+
+def config_json(cfg: GroundingDinoConfig) -> dict:
+    """The config as a Hub config.json (backbone_config and text_config nested, unset head-sharing flags left out)."""
+    top = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("backbone", "text")}
+    arch = "MMGroundingDinoForObjectDetection" if cfg.is_mm else "GroundingDinoForObjectDetection"
+    return {"architectures": [arch],
+            **{k: v for k, v in top.items() if v is not None},
+            "backbone_config": {"model_type": "swin", **asdict(cfg.backbone)},
+            "text_config": {"model_type": "bert", **asdict(cfg.text)}}
+
+
+def save_pretrained(model: GroundingDino, folder: str | Path) -> None:
+    """Write config.json, model.safetensors (transformers' key names), tokenizer.json and preprocessor_config.json
+    (the model's resize and normalisation) to `folder`: what from_pretrained, and transformers, read."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {checkpoint_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
+    model.tokenizer.save(str(folder / "tokenizer.json"))
+    p = model.preprocessor
+    pre = {"image_processor_type": "GroundingDinoImageProcessor", "processor_class": "GroundingDinoProcessor",
+           "do_resize": True, "size": {"shortest_edge": p["shortest"], "longest_edge": p["longest"]}, "resample": 2,
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p["mean"]),
+           "image_std": list(p["std"]), "do_pad": True}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+
+def read_preprocessor(folder: Path) -> dict:
+    """preprocessor_config.json's resize and normalisation, the Hub's defaults for what it leaves out (or lacks)."""
+    f = folder / "preprocessor_config.json"
+    c = common.read_json(f) if f.is_file() else {}
+    size = c.get("size") or {}
+    return {"shortest": size.get("shortest_edge", SHORTEST_EDGE),
+            "longest": size.get("longest_edge", c.get("max_size", LONGEST_EDGE)),
+            "mean": tuple(c.get("image_mean", IMAGENET_MEAN)), "std": tuple(c.get("image_std", IMAGENET_STD))}
+
+
+def header_shapes(files: Sequence[Path]) -> dict[str, tuple]:
+    """key -> shape from the safetensors headers, without reading the tensors ({} if unreadable: load_weights then
+    says so by name)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
+    except (OSError, SafetensorError):
+        return {}
+    return shapes
+
+
+def mm_layout(cfg: GroundingDinoConfig, shapes: dict[str, tuple]) -> GroundingDinoConfig:
+    """An MM config completed from its weights (header_shapes) where config.json is silent: converted before the
+    share flags existed, such files store heads for decoder layers 1.. when those are per-layer."""
+    if cfg.is_mm and None in (cfg.decoder_bbox_embed_share, cfg.decoder_cls_embed_share):
+        layers = {m.group(1) for k in shapes if (m := re.match(r"^(?:model\.decoder\.)?(\w+_embed)\.[1-9]", k))}
+        if cfg.decoder_bbox_embed_share is None:
+            cfg.decoder_bbox_embed_share = "bbox_embed" not in layers
+        if cfg.decoder_cls_embed_share is None:
+            cfg.decoder_cls_embed_share = "class_embed" not in layers
+    return cfg
+
+
+def checkpoint_config(folder: Path) -> GroundingDinoConfig:
+    """The config from_pretrained builds a checkpoint folder's model from."""
+    cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))
+    return mm_layout(cfg, header_shapes(common.weight_files(folder)) if cfg.is_mm else {})
+
+
+def from_pretrained(name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
+                    dtype: torch.dtype | None = None) -> GroundingDino:
+    """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt) -> the model, in eval
+    mode. backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
+    dtype: the weights' and activations' dtype (torch.bfloat16, or torch.float16 where the device has it); None
+    keeps float32. Position embeddings are computed in float32 and cast, masks use the dtype's own min, and
+    the class logits come out in float32, as in transformers."""
+    common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
+    dtype = common.check_dtype(dtype)
+    folder = common.resolve_checkpoint(name_or_path, revision)
+    cfg = GroundingDinoConfig.from_dict(common.read_config(folder, MODEL_TYPES))  # another model's fails here, by name
+    files = common.weight_files(folder)
+    shapes = header_shapes(files) if cfg.is_mm else {}  # MM converters differ in how they store the heads
+    cfg = mm_layout(cfg, shapes)
+    with torch.device("meta"):  # no random init of 172M+ parameters that the checkpoint overwrites anyway
+        model = GroundingDino(cfg, backend=backend)
+    model = model.to_empty(device="cpu").to(dtype)  # load_weights casts the file's tensors to it
+    # some MM converters store the scalar class bias as (1,): broadcasting makes it the same
+    if next((s for k, s in shapes.items() if re.search(r"class_embed(\.\d+)?\.bias$", k)), ()) == (1,):
+        for head in [model.encoder_output_class_embed, *model.class_embed]:
+            head.bias = nn.Parameter(torch.zeros(1))
+    common.load_weights(model, files, key_map_for(cfg))
+    model.tokenizer = load_tokenizer(folder)
+    model.preprocessor = read_preprocessor(folder)
+    model.name_or_path, model.revision = str(name_or_path), revision
+    return model.eval()
+
+
+GroundingDino.from_pretrained = staticmethod(from_pretrained)  # methods of the model, beside the key map they use
+GroundingDino.save_pretrained = save_pretrained
 
 
 # -----------------------------------------------------------------------------
@@ -1481,7 +1524,7 @@ def grounding_loss(model: GroundingDino, out: GroundingDinoOutput, input_ids: to
     num_boxes = max(float(sum(len(t["boxes"]) for t in targets)), 1.0)
     text_mask = F.pad(attention_mask.bool(), (0, W - attention_mask.shape[1]))[:, None, :].expand(B, Q, W)
     text, token_mask = st["encoder_text"], attention_mask.bool()
-    # every layer's predictions (as heads() computes the last: equal to out.logits, out.pred_boxes), made in layer
+    # every layer's predictions (as predict() computes the last: equal to out.logits, out.pred_boxes), made in layer
     # order as transformers makes them, so that gradients sum into shared heads and the text in the same order
     n = len(st["decoder_hidden"])
     preds = []
@@ -1503,17 +1546,20 @@ def grounding_loss(model: GroundingDino, out: GroundingDinoOutput, input_ids: to
     return loss, loss_dict
 
 
+PRIOR = 0.01  # the class score a model starts from (RetinaNet's: the many negatives don't swamp the first steps)
+
+
 @torch.no_grad()
-def init_weights(model: GroundingDino, prior: float = 0.01) -> None:
+def init_weights(model: GroundingDino) -> None:
     """From scratch, as the originals initialise: Swin's truncated normal and BERT's normal (std 0.02), Xavier for
     the transformer's matrices and projections, zero biases, a normal level embedding, deformable attention
     sampling a ring of points around its reference with uniform weights, box heads that start at their reference
-    (last layer zero), fusion layer scales of 1e-4; MM's class bias at logit(prior), as mmdet's ContrastiveEmbed.
+    (last layer zero), fusion layer scales of 1e-4; MM's class bias at logit(PRIOR), as mmdet's ContrastiveEmbed.
 
     Grounding DINO's class head has no parameter to hold a prior, and its logits are dot products of two
     LayerNorm outputs (about N(0, 256)), so every score starts saturated. Beyond the originals, the prior goes into
     those norms: the decoder's and the encoder proposals' output norms and the last text norm get weight
-    d^-1/4 and biases +-sqrt(-logit(prior)) along one shared direction, so that q . t starts at logit(prior)."""
+    d^-1/4 and biases +-sqrt(-logit(PRIOR)) along one shared direction, so that q . t starts at logit(PRIOR)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             if name.startswith("backbone."):
@@ -1544,14 +1590,14 @@ def init_weights(model: GroundingDino, prior: float = 0.01) -> None:
         nn.init.zeros_(mlp.layers[-1].weight)
         nn.init.zeros_(mlp.layers[-1].bias)
     nn.init.normal_(model.level_embed)
-    class_prior(model, prior)
+    class_prior(model)
 
 
 @torch.no_grad()
-def class_prior(model: GroundingDino, prior: float = 0.01) -> None:
-    """Class scores that start at `prior` (RetinaNet's prior, so the many negatives don't swamp the first steps):
-    MM's class biases at logit(prior); for Grounding DINO, the three norms, see init_weights."""
-    bias = -math.log((1 - prior) / prior)
+def class_prior(model: GroundingDino) -> None:
+    """Class scores that start at PRIOR: MM's class biases at logit(PRIOR); for Grounding DINO, the three norms,
+    see init_weights."""
+    bias = -math.log((1 - PRIOR) / PRIOR)
     if model.cfg.is_mm:
         for head in [model.encoder_output_class_embed, *model.class_embed]:
             head.bias.fill_(bias)
@@ -1570,15 +1616,15 @@ def class_prior(model: GroundingDino, prior: float = 0.01) -> None:
 #
 # Batch, prompt length (up to max_text_len) and image size stay dynamic, unless export_onnx is given image_size,
 # which fixes height and width (for runtimes that want static shapes; common.OnnxModel then refuses other sizes).
-# The exporter traces one forward, in which the map sizes are traced values: level_sizes would turn them into a
-# constant `torch.tensor`, so while tracing it is replaced by traced_level_sizes, which stacks them (same values).
-# The graph gets the readable deformable attention whatever the model's backend. Tokens as `tokenize` makes them.
+# The exporter traces one forward, in which the map sizes are traced values (level_sizes keeps them so) and the
+# deformable attention is the readable one whatever the model's backend (common.ms_deform_attn). Tokens as `tokenize`
+# makes them.
 
 ONNX_INPUTS = ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "pixel_mask"]
 
 
 class ExportedForward(nn.Module):
-    """What the graph computes: forward's two tensors, with the readable deformable attention."""
+    """What the graph computes: forward's two tensors."""
 
     def __init__(self, model: GroundingDino):
         super().__init__()
@@ -1589,15 +1635,9 @@ class ExportedForward(nn.Module):
         return out.logits, out.pred_boxes
 
 
-def traced_level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
-    """level_sizes from sizes that are 0-d tensors while tracing, kept in the graph."""
-    return torch.stack([torch.stack([torch.as_tensor(wl), torch.as_tensor(hl)]) for hl, wl in shapes]).to(like)
-
-
 def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
     """Write model's forward to an ONNX file. image_size = (height, width) of the padded pixel_values fixes the
     graph to that size; None leaves it dynamic (traced at the size the preprocessor gives a 480x640 photo)."""
-    global level_sizes
     pre = model.preprocessor
     h, w = image_size or resized_size(480, 640, pre["shortest"], pre["longest"])
     dev = model.level_embed.device
@@ -1610,13 +1650,8 @@ def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, i
                **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
     hint = (f"Pad to {h}x{w} with pixel_mask 0 on the padding, or export again with image_size=None (any size) "
             f"or the size of your pixel_values.")
-    level_sizes_, backend = level_sizes, model.backend
-    level_sizes, model.backend = traced_level_sizes, "torch"
-    try:
-        common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic,
-                           {"model": getattr(model, "name", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len})
-    finally:
-        level_sizes, model.backend = level_sizes_, backend
+    meta = {"model": getattr(model, "name_or_path", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len}
+    common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic, meta)
 
 
 GroundingDino.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section

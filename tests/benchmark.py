@@ -145,13 +145,15 @@ def gdino_case(name: str, build=("ours", "theirs")):
         text = ours.encode_text(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
         lap("text")
         lv = ours.prepare_levels(maps, pixel_mask)
-        memory, text_feats = ours.encode(lv, text)
+        memory, text_feats = ours.encoder(lv, text, ours.backend)
         lap("encoder")
         sel = ours.select_queries(memory, lv, text_feats, text["token_mask"])
         lap("query selection")
-        hidden, refs = ours.decode(sel["init_reference_points"], memory, lv, text_feats, text["token_mask"])
+        target = ours.query_position_embeddings.weight[None]  # (1, Q, 256)
+        hidden, refs = ours.decoder(target, sel["init_reference_points"], memory, lv, text_feats, text["token_mask"],
+                                    ours.box_head, ours.backend)
         lap("decoder")
-        ours.heads(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
+        ours.predict(hidden, sel["init_reference_points"], refs, text_feats, text["token_mask"])
         lap("heads")
         return t
 

@@ -182,7 +182,7 @@ def gdino_export(request, tmp_path_factory):
 
 def test_gdino_forward_unchanged_after_export(gdino_export):
     model, _, _, before, after, *_ = gdino_export
-    assert model.backend == "auto" and gdino.level_sizes is not gdino.traced_level_sizes
+    assert model.backend == "auto"
     for b, a in zip(before, after):
         assert torch.equal(b.logits, a.logits) and torch.equal(b.pred_boxes, a.pred_boxes)
 

@@ -179,6 +179,21 @@ def test_loader_takes_5x_names_too(small_folder, small, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("folder", ["small_folder", "mm_small_folder"])
+def test_key_table_reads_both_ways(folder, request):
+    """Saving reads the key table right to left: our names become exactly the keys transformers wrote (less its
+    swin.layernorm, which the backbone never uses), and loading reads each back to the name it came from."""
+    from safetensors import safe_open
+
+    folder = request.getfixturevalue(folder)
+    ours = gdino.GroundingDino.from_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        written = sorted(k for k in f.keys() if ".swin.layernorm." not in k)  # noqa: SIM118
+    saved = [gdino.checkpoint_key(k) for k in ours.state_dict()]
+    assert sorted(saved) == written
+    assert [gdino.key_map_for(ours.cfg)(k) for k in saved] == list(ours.state_dict())
+
+
 def test_loader_reports_missing_and_unexpected_keys(small_folder, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file

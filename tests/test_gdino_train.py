@@ -262,12 +262,17 @@ def test_dropout_acts_in_train_mode_only(tok):
             outs[p].append(model(x["pixel_values"], x["input_ids"], x["attention_mask"]).logits)
     m = models[0.5]
     blocks = [b for st in m.backbone.stages for b in st.blocks]
-    layer, dec = m.encoder.layers[0], m.decoder.layers[0]
-    assert blocks[0].drop == 0.0 and blocks[-1].drop == 0.5  # stochastic depth rises over the blocks
-    assert m.text_backbone.p_hidden == m.text_backbone.layers[0].p_hidden == m.text_backbone.layers[0].p_attn == 0.5
-    assert layer.fusion_layer.drop == layer.fusion_layer.attn.dropout == layer.text_enhancer_layer.p == 0.5
-    assert layer.deformable_layer.p == layer.deformable_layer.p_act == dec.p == dec.p_act == 0.5
-    assert dec.self_attn.dropout == dec.encoder_attn_text.dropout == layer.text_enhancer_layer.self_attn.dropout == 0.5
+    bert, layer, dec = m.text_backbone, m.encoder.layers[0], m.decoder.layers[0]
+    fusion, text, deformable = layer.fusion_layer, layer.text_enhancer_layer, layer.deformable_layer
+    assert blocks[0].drop_path.p == 0.0 and blocks[-1].drop_path.p == 0.5  # stochastic depth rises over the blocks
+    assert bert.dropout.p == bert.layers[0].dropout.p == bert.layers[0].attention_dropout == 0.5
+    assert fusion.drop_path.p == fusion.attn.dropout.p == text.dropout.p == 0.5
+    assert deformable.dropout.p == deformable.activation_dropout.p == dec.dropout.p == dec.activation_dropout.p == 0.5
+    assert dec.self_attn.dropout.p == dec.encoder_attn_text.dropout.p == text.self_attn.dropout.p == 0.5
+    # and no dropout module is left at another rate (the Swin blocks' drop paths rise from 0 by design)
+    rates = {mod.p for name, mod in m.named_modules() if isinstance(mod, (torch.nn.Dropout, gdino.DropPath))
+             and not name.startswith("backbone.")}
+    assert rates == {0.5}, rates
     a, b, ev = outs[0.5]
     fin = torch.isfinite(a)
     assert not torch.equal(a[fin], b[fin]), "no effect in train mode"
