@@ -1650,7 +1650,8 @@ def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, i
                **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
     hint = (f"Pad to {h}x{w} with pixel_mask 0 on the padding, or export again with image_size=None (any size) "
             f"or the size of your pixel_values.")
-    meta = {"model": getattr(model, "name_or_path", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len}
+    meta = {"model": getattr(model, "name_or_path", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len,
+            "max_tokens_hint": "Split long label lists with gdino.chunk_prompt, as detect does."}
     common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic, meta)
 
 
