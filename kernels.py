@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import cuda, njit, prange, types
+from numba import cuda, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from torch.autograd.function import once_differentiable
@@ -128,8 +128,7 @@ def fma(typingctx, a, b, c):
 
 @intrinsic
 def floor(typingctx, x):
-    """LLVM's floor, one instruction on x86 and on GPUs: numba's math.floor calls the C library on the CPU, and
-    np.floor has no CUDA version."""
+    """LLVM's floor, one instruction on x86 and GPUs: numba's math.floor calls libm on the CPU, np.floor has no CUDA."""
     def codegen(context, builder, sig, args):
         return builder.call(builder.module.declare_intrinsic("llvm.floor", [args[0].type]), args)
     return x(x), codegen
@@ -161,11 +160,13 @@ def sum_plan(P, width):
     return steps
 
 
-
 # -----------------------------------------------------------------------------
 # 1. Numba CPU
 
 QUERY_BLOCK = 64  # queries per task of the CPU forward, whose scratch arrays are allocated once per task
+# Numba's OpenMP pool sets OpenMP's thread count, torch's, to the CPU count as it starts: start it here, not midway
+threads, _ = torch.get_num_threads(), get_num_threads()  # through a run set to 1 thread, and give torch its count back
+torch.set_num_threads(threads)
 
 
 @intrinsic

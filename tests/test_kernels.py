@@ -224,6 +224,23 @@ def test_kernels_import_nothing_of_ours():
     assert res.returncode == 0, res.stderr
 
 
+def test_kernels_leave_torchs_thread_count_alone():
+    """Numba's thread pool sets OpenMP's thread count, which is torch's, to the CPU count as it starts: started by a
+    first kernel call, it switched a run at OMP_NUM_THREADS=1 to all cores midway, and the convolutions after it
+    rounded otherwise than the same run's reference. A fresh process at 1 thread stays at 1 through a forward and
+    backward (numba keeps its pool of all cores)."""
+    code = ("import numba, torch, kernels\n"
+            "value = torch.rand(1, 16, 2, 4, requires_grad=True)\n"
+            "loc, attn = torch.rand(1, 3, 2, 4, 2, requires_grad=True), torch.rand(1, 3, 2, 4, requires_grad=True)\n"
+            "kernels.ms_deform_attn(value, [(4, 4)], [4], loc, attn).sum().backward()\n"
+            "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+            "assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS, numba.get_num_threads()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
 def test_entry_point_rejects_what_the_kernels_cannot_take():
     B, Q, nH, hD, shapes, points = CASES["B=Q=1"]
     value, loc, attn = make_inputs(B, Q, nH, hD, shapes, points, torch.float32)
