@@ -809,8 +809,9 @@ class DFine(nn.Module):
             raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
         weight = self.enc_score_head.weight
         out = self(preprocess(images, self.input_size).to(weight.device, weight.dtype))
-        results = postprocess(out.logits, out.pred_boxes, [im.size[::-1] for im in images], threshold,
-                              self.cfg.id2label)
+        # in float32 whatever the model's dtype: pixels in bf16 would round once more (to 4 px between 512 and 1024)
+        results = postprocess(out.logits.float(), out.pred_boxes.float(), [im.size[::-1] for im in images],
+                              threshold, self.cfg.id2label)
         return [common.best_detections(r, nms, top_k, None if class_agnostic else r["labels"]) for r in results]
 
     @classmethod

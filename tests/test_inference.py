@@ -215,6 +215,32 @@ def test_gdino_bf16_detections_are_float32_pixels():
     assert near[j] <= 0.012 * 1024 and abs(got["scores"][j] - fp32["scores"][best]) <= 0.015, (near[j], got["scores"])
 
 
+def test_dfine_bf16_detections_are_float32_pixels():
+    """detect on a bf16 D-FINE: float32 scores and boxes, post-processed in float32 from the network's bf16 outputs
+    (as Grounding DINO's above), so numpy takes them; the fp32 model's best detection within the bounds
+    test_dfine_bf16_against_our_fp32 holds for bf16's network error (0.012 of the image, 0.025 in probability).
+    The shipped dfine-shapes model on its scene, upscaled to 1024 px so that boxes pass 512."""
+    folder = ROOT / "notebooks" / "models" / "dfine-shapes"
+    image = Image.open(folder.parent / "shapes_scene.png").convert("RGB").resize((1024, 1024), Image.BICUBIC)
+    fp32 = dfine.DFine.from_pretrained(folder).detect(image)[0]
+    model = dfine.DFine.from_pretrained(folder, dtype=torch.bfloat16)
+    got = model.detect(image)[0]
+    assert got["scores"].dtype == got["boxes"].dtype == torch.float32
+    assert np.asarray(got["boxes"]).dtype == np.float32
+    with torch.inference_mode():  # the network's own outputs stay bf16 (so do the stage dumps)
+        out = model(dfine.preprocess([image], model.input_size).bfloat16(), return_stages=True)
+    assert out.pred_boxes.dtype == out.stages["decoder_hidden"][-1].dtype == torch.bfloat16
+    ref = dfine.postprocess(out.logits.float(), out.pred_boxes.float(), [(1024, 1024)], 0.5, model.cfg.id2label)[0]
+    assert torch.equal(got["boxes"], ref["boxes"]) and torch.equal(got["scores"], ref["scores"])
+    big = got["boxes"][got["boxes"] >= 512]
+    assert len(big) >= 4 and (big % 4 != 0).any()
+    best = fp32["scores"].argmax()
+    near = (got["boxes"] - fp32["boxes"][best]).abs().amax(-1).masked_fill(got["labels"] != fp32["labels"][best],
+                                                                           float("inf"))  # (n,)
+    j = near.argmin()
+    assert near[j] <= 0.012 * 1024 and abs(got["scores"][j] - fp32["scores"][best]) <= 0.025, (near[j], got["scores"])
+
+
 @torch.inference_mode()
 def stages_with_queries(model, photo: str, topk: torch.Tensor | None = None) -> dict:
     """Our stages on a photo; with `topk`, the decoder starts from those tokens instead of the model's own choice."""
