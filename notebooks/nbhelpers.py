@@ -2,8 +2,14 @@
 Nothing here touches a model."""
 from __future__ import annotations
 
+import io
+import sys
+
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from PIL import Image
 
 import common
 
@@ -27,6 +33,26 @@ def cmp(name: str, a, b, tol: float = 1e-6) -> None:
         raise AssertionError(f"{name} differs by {diff:.3g} (tolerance {tol})")
 
 
+def compact_pictures(dpi: int = 80, colours: int = 256) -> None:
+    """Inline pictures at `dpi`, stored as PNGs of at most `colours` colours: a third of the bytes of a full-colour
+    PNG (the shape scenes' noisy backgrounds compress badly), which adds up in a notebook committed with its outputs.
+    Outside IPython only the dpi is set."""
+    plt.rcParams["figure.dpi"] = dpi
+    ipython = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    if ipython is None:
+        return
+    plt.close(plt.figure())  # loads the inline backend, which registers its own PNG formatter; ours replaces it
+
+    def png(fig: Figure) -> bytes:
+        buf = io.BytesIO()
+        fig.canvas.print_figure(buf, format="png", bbox_inches="tight", facecolor="white")
+        out = io.BytesIO()
+        Image.open(buf).convert("RGB").quantize(colours, dither=Image.Dither.NONE).save(out, "png", optimize=True)
+        return out.getvalue()
+
+    ipython.display_formatter.formatters["image/png"].for_type(Figure, png)
+
+
 def show(ax, img, title=None, **kw) -> None:
     ax.imshow(img, **kw)
     ax.set_axis_off()
@@ -40,12 +66,82 @@ def pixels(boxes: torch.Tensor, size) -> list:
     return (common.center_to_corners(boxes) * torch.tensor([w, h, w, h])).tolist()
 
 
+def label(ax, x, y, text, colour, below=False, right=False) -> None:
+    """White text on a dark box edged in `colour`: legible on any background. At (x, y), above it (or below), its
+    left end there (or its right end)."""
+    ax.text(x, y, text, color="white", fontsize=7, va="top" if below else "bottom", ha="right" if right else "left",
+            bbox=dict(facecolor="black", alpha=0.75, pad=1.2, edgecolor=colour, linewidth=1))
+
+
 def draw_boxes(ax, boxes, colours, labels=None, lw=1.5) -> None:
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colours[i], linewidth=lw))
         if labels:
-            ax.text(x0, y0, labels[i], color="white", fontsize=8, va="bottom",
-                    bbox=dict(facecolor=colours[i], alpha=0.8, pad=1, edgecolor="none"))
+            label(ax, x0, y0, labels[i], colours[i])
+
+
+# what each detection is, judged against the ground truth as COCO's evaluation does (best score first, IoU >= 0.5)
+STYLES = {"true positive": dict(edgecolor="limegreen", linestyle="-"),
+          "duplicate": dict(edgecolor="orange", linestyle="--"),
+          "wrong class": dict(edgecolor="magenta", linestyle="-"),
+          "false positive": dict(edgecolor="red", linestyle=":"),
+          "missed": dict(edgecolor="cyan", linestyle="--")}
+
+
+def judge(dets: dict, truth: dict | None, iou: float = 0.5) -> tuple[list[str], list[int]]:
+    """Each detection's kind (a key of STYLES) and the indices of the missed true objects. dets: detect()'s result
+    (xyxy pixel boxes, names); truth: {"names": n strings, "boxes": (n, 4) xyxy pixels}. Best score first, a
+    detection takes the unmatched true object of its class it overlaps most (true positive); one that overlaps an
+    already matched object of its class is a duplicate; one that overlaps an object of another class, a wrong class."""
+    n = len(dets["names"])
+    if truth is None:
+        return ["true positive"] * n, []
+    ious = common.box_iou(torch.as_tensor(dets["boxes"], dtype=torch.float32).reshape(-1, 4),
+                          torch.as_tensor(truth["boxes"], dtype=torch.float32).reshape(-1, 4))[0]  # (n, m)
+    over = ious >= iou
+    same = torch.tensor([[a == b for b in truth["names"]] for a in dets["names"]], dtype=torch.bool).reshape(over.shape)
+    taken, kinds = torch.zeros(over.shape[1], dtype=torch.bool), [""] * n
+    for i in torch.as_tensor(dets["scores"]).argsort(descending=True, stable=True).tolist():
+        free = over[i] & same[i] & ~taken
+        if free.any():
+            taken[int(ious[i].masked_fill(~free, -1).argmax())] = True
+            kinds[i] = "true positive"
+        else:
+            kinds[i] = ("duplicate" if (over[i] & same[i]).any() else "wrong class" if over[i].any()
+                        else "false positive")
+    return kinds, (~taken).nonzero().flatten().tolist()
+
+
+def draw_detections(ax, image, dets: dict, truth: dict | None = None, title: str | None = None,
+                    legend: bool = True) -> list[str]:
+    """A detection panel: the image, the ground truth (thin white), each detection styled by its kind (judge) with
+    its name and score on a dark label, the missed objects named; a legend of the kinds shown. Returns the kinds."""
+    show(ax, image, title)
+    kinds, missed = judge(dets, truth)
+    for x0, y0, x1, y1 in [] if truth is None else truth["boxes"]:
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=0.8))
+    for j in missed:
+        x0, y0, x1, y1 = truth["boxes"][j]
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=2, **STYLES["missed"]))
+        label(ax, x0, y1, f"missed: {truth['names'][j]}", "cyan", below=True)
+    for (x0, y0, x1, y1), name, score, kind in zip(dets["boxes"].tolist(), dets["names"], dets["scores"], kinds):
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=2, **STYLES[kind]))
+        text = f"{name} {float(score):.2f}" + ("" if kind == "true positive" else f" ({kind})")
+        right = x0 > 0.6 * image.size[0]  # a label near the right border ends at the box's right edge
+        # a duplicate's label inside its box, at the bottom: the box it repeats has its label on top; a box at the
+        # top border has its label inside, below its top edge
+        top = y0 < 0.05 * image.size[1]
+        label(ax, x1 if right else x0, y1 if kind == "duplicate" else y0, text, STYLES[kind]["edgecolor"],
+              below=top and kind != "duplicate", right=right)
+    if legend:
+        shown = [k for k in STYLES if k in kinds or (k == "missed" and missed)]
+        handles = [Line2D([], [], color="white", lw=0.8, label="ground truth")] if truth is not None else []
+        handles += [Line2D([], [], color=STYLES[k]["edgecolor"], ls=STYLES[k]["linestyle"], lw=2, label=k)
+                    for k in shown]
+        if handles:
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=7,
+                      facecolor="0.3", labelcolor="white", framealpha=1)
+    return kinds
 
 
 def pca_rgb(fmap: torch.Tensor):
