@@ -4,9 +4,10 @@ Paper: "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution R
 Mirrors transformers 5.23 `DFineForObjectDetection` (modeling_d_fine.py, modeling_hgnet_v2.py) and its PIL RT-DETR
 image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints as they are:
 `ustc-community/dfine-{nano,small,medium,large,xlarge}-coco`, `dfine-{small,medium,large,xlarge}-obj365` (366
-classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Training (section 9) matches
-transformers' loss and gradients. Left out: dropout (0 in every config), the unused "discrete" sampling method, and
-wide layers after eval_idx (no checkpoint has them).
+classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Training (section 9) computes the
+original D-FINE's loss terms (transformers pairs the layers' outputs one apart; tests/test_dfine_train.py rebuilds
+its pairing from ours and gets its loss and gradients). Left out: dropout (0 in every config), the unused
+"discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
   1. config            config.json -> a flat dataclass
@@ -129,7 +130,6 @@ class DFineConfig:
     reg_scale: float = 4.0  # W(n)'s curvature and range for a model built from the config (checkpoints hold theirs)
     up: float = 0.5
     initializer_bias_prior_prob: float | None = None  # initial class probability; None: 0.01, as the original
-    use_pre_outputs_loss: bool = False  # not a Hub field: the original's extra loss on the pre-box head (README)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "DFineConfig":
@@ -861,14 +861,16 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
 # -----------------------------------------------------------------------------
 # 9. Training: denoising queries, Hungarian matching, the loss terms, initial weights
 #
-# With labels, forward returns the loss transformers 5.23 computes, term for term, each weighted by the config:
-#   main          the last layer's Q queries: VFL, L1, GIoU (matched by the Hungarian algorithm)
-#   _aux_k        k < L-1: entry k of [pre-box head + class head 0, layer 0, layer 1, ..] with layer k's corners:
-#                 VFL, L1, GIoU, FGL and DDF (transformers' pairing; the README says how the original differs)
-#   _aux_{L-1}    the encoder's top-Q proposals: VFL, L1, GIoU
-#   _dn_k         k < L: the same entries for the denoising queries, each matched to the object it was made from
+# With labels, forward returns the original D-FINE's loss (Peterande/D-FINE), term by term, each weighted by the config:
+#   main          the last layer's Q queries: VFL, L1, GIoU (matched by the Hungarian algorithm) and FGL
+#   _aux_k        k < L-1: layer k's class, box and edge distributions: VFL, L1, GIoU, FGL and DDF
+#   _pre          the first layer's pre-box head with class head 0: VFL, L1, GIoU
+#   _enc_0        the encoder's top-Q proposals: VFL, L1, GIoU
+#   _dn_k, _dn_pre  k < L: the same for the denoising queries, each matched to the object it was made from
 # VFL: varifocal loss, the IoU as the soft target of the matched class. FGL: each edge's distribution pushed
 # towards the two bins around the true edge. DDF (GO-LSD): every layer's distributions distilled from the last's.
+# transformers pairs layer k's distributions with the class and box of the layer before (README; the tests rebuild
+# its pairing from these outputs and get its terms and gradients).
 
 
 def denoising_queries(model: "DFine", labels: list[dict]) -> dict | None:
@@ -976,11 +978,13 @@ def set_losses(o: dict, labels: list[dict], indices: list, num_boxes: float, mod
     fgl = (F.cross_entropy(corners, bins.long(), reduction="none") * w_left.reshape(-1)
            + F.cross_entropy(corners, bins.long() + 1, reduction="none") * w_right.reshape(-1))
     losses["loss_fgl"] = (fgl * iou4).sum() / num_boxes
+    if teacher is None:  # the last layer: no distillation
+        return losses
     # DDF: KL of every query's edge distributions (temperature T) from the last layer's, weighted by the teacher's
     # score (unmatched) or the IoU (matched); the two groups averaged apart and mixed by sqrt of their sizes
     T, pred = 5, o["corners"].reshape(-1, n_bins + 1)  # (B*Q*4, N+1)
     target = teacher["corners"].reshape(-1, n_bins + 1)
-    if torch.equal(pred, target):  # the last layer is its own teacher
+    if torch.equal(pred, target):  # the last layer's denoising queries are their own teacher
         losses["loss_ddf"] = pred.sum() * 0
         return losses
     w = teacher["logits"].sigmoid().max(dim=-1)[0]  # (B, Q)
@@ -999,22 +1003,21 @@ def set_losses(o: dict, labels: list[dict], indices: list, num_boxes: float, mod
 
 
 def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict | None):
-    """-> (loss, loss_dict): every output's terms, weighted by the config, under transformers' names."""
+    """-> (loss, loss_dict): every output's terms (section header), weighted by the config."""
     cfg = model.cfg
     n_dn, L = 0 if dn is None else dn["num"], len(dec["corners"])
-    # the outputs as transformers lists them: entry 0 the pre-box head with class head 0 (no LQE), entry i+1 layer i
-    logits = [dec["scores"][0], *dec["layer_logits"]]  # L + 1 x (B, D + Q, K)
-    boxes = [b.clamp(min=0, max=1) for b in [dec["initial_box"], *dec["boxes"]]]  # L + 1 x (B, D + Q, 4)
     ref0 = dec["initial_box"].detach()  # the box FDR measures every layer's edges from
 
-    def output(k: int, denoising: bool, corners: bool = True) -> dict:  # entry k, the D or the Q queries
+    def layer(k: int, denoising: bool, teacher: bool = True) -> tuple[dict, dict | None]:  # the D or the Q queries
         part = slice(0, n_dn) if denoising else slice(n_dn, None)
-        o = {"logits": logits[k][:, part], "boxes": boxes[k][:, part]}
-        return o | ({"corners": dec["corners"][k][:, part], "ref": ref0[:, part]} if corners else {})
+        o = {"logits": dec["layer_logits"][k][:, part], "boxes": dec["boxes"][k][:, part].clamp(min=0, max=1),
+             "corners": dec["corners"][k][:, part], "ref": ref0[:, part]}
+        last = {"corners": dec["corners"][-1][:, part], "logits": dec["layer_logits"][-1][:, part]}
+        return o, last if teacher else None
 
-    def teacher(denoising: bool) -> dict:  # the last layer, whose edge distributions DDF distils into the others
+    def pre(denoising: bool) -> dict:  # the pre-box head with class head 0 (no LQE)
         part = slice(0, n_dn) if denoising else slice(n_dn, None)
-        return {"corners": dec["corners"][-1][:, part], "logits": logits[-1][:, part]}
+        return {"logits": dec["scores"][0][:, part], "boxes": dec["initial_box"][:, part].clamp(min=0, max=1)}
 
     losses = {}
 
@@ -1023,24 +1026,17 @@ def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict 
             losses[k + suffix] = v * getattr(cfg, "weight_" + k)
 
     num_boxes = float(max(sum(len(t["class_labels"]) for t in labels), 1))
-    o = output(L, False, corners=False)
-    add("", o, match(o, labels, cfg), num_boxes)
-    for k in range(L - 1):
-        o = output(k, False)
-        add(f"_aux_{k}", o, match(o, labels, cfg), num_boxes, teacher(False))
-    topk = q["topk_indices"][..., None].expand(-1, -1, logits[0].shape[-1])  # (B, Q, K)
-    o = {"logits": q["enc_outputs_class"].gather(1, topk), "boxes": q["init_reference_points"].sigmoid().clamp(0, 1)}
-    add(f"_aux_{L - 1}", o, match(o, labels, cfg), num_boxes)
+    outputs = [("", layer(L - 1, False, teacher=False)), *((f"_aux_{k}", layer(k, False)) for k in range(L - 1)),
+               ("_pre", (pre(False), None))]
+    topk = q["topk_indices"][..., None].expand(-1, -1, dec["scores"][0].shape[-1])  # (B, Q, K)
+    enc = {"logits": q["enc_outputs_class"].gather(1, topk), "boxes": q["init_reference_points"].sigmoid().clamp(0, 1)}
+    for suffix, (o, teacher) in [*outputs, ("_enc_0", (enc, None))]:
+        add(suffix, o, match(o, labels, cfg), num_boxes, teacher)
     if dn is not None:  # denoising query j of a group stands for object j: no matching needed
         dn_indices = [(p, torch.arange(len(t["boxes"]), device=p.device).tile(dn["groups"]))
                       for p, t in zip(dn["positive_idx"], labels)]
-        for k in range(L):
-            add(f"_dn_{k}", output(k, True), dn_indices, num_boxes * dn["groups"], teacher(True))
-    if cfg.use_pre_outputs_loss:  # the original's "pre_outputs": VFL, L1, GIoU on the pre-box head, own matching
-        o = output(0, False, corners=False)
-        add("_pre", o, match(o, labels, cfg), num_boxes)
-        if dn is not None:
-            add("_dn_pre", output(0, True, corners=False), dn_indices, num_boxes * dn["groups"])
+        for suffix, (o, teacher) in [*((f"_dn_{k}", layer(k, True)) for k in range(L)), ("_dn_pre", (pre(True), None))]:
+            add(suffix, o, dn_indices, num_boxes * dn["groups"], teacher)
     return sum(losses.values()), losses
 
 

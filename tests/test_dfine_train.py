@@ -1,5 +1,8 @@
 """D-FINE training against transformers 5.23: every loss term, every gradient, the matcher, the denoising groups,
-over-fitting one batch, bad labels, the pre_outputs option and the initial weights.
+over-fitting one batch, bad labels, the original's pairing of outputs and the initial weights.
+
+Our default loss is the original D-FINE's; transformers pairs the outputs otherwise (transformers_loss below). The
+parity tests rebuild transformers' pairing from our outputs and require its terms and gradients.
 
 Tolerances: loss terms 1e-5 and gradients 1e-4 (the project's bar), for both backends. Every op, and the order in
 which autograd adds up a tensor's gradients, mirrors transformers, and the Numba backward rounds and adds as the
@@ -8,6 +11,7 @@ readable version's grid_sample backward and sum do (kernels.py), so what remains
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -32,11 +36,54 @@ def batch(size: str):
     return px, [first, second]
 
 
-def run(model, px, labels, hf: bool = False):
-    """One training step's forward and backward -> (loss, loss_dict, {checkpoint-style name: gradient})."""
+def transformers_loss(model, q: dict, dec: dict, labels: list[dict], dn: dict | None):
+    """transformers 5.23's D-FINE loss from our outputs (dfine.dfine_loss's arguments): it lists the outputs as
+    [pre-box head with class head 0, layer 0, layer 1, ..] and pairs entry k's class and box with layer k's corners,
+    so the last layer gets no FGL, the next-to-last layer's class and box no loss, and the pre-box head no term of its
+    own; the encoder's proposals come as _aux_{L-1}."""
+    n_dn, L = 0 if dn is None else dn["num"], len(dec["corners"])
+    logits = [dec["scores"][0], *dec["layer_logits"]]  # L + 1 x (B, D + Q, K)
+    boxes = [b.clamp(min=0, max=1) for b in [dec["initial_box"], *dec["boxes"]]]  # L + 1 x (B, D + Q, 4)
+
+    def output(k: int, denoising: bool, corners: bool = True) -> dict:  # entry k, the D or the Q queries
+        part = slice(0, n_dn) if denoising else slice(n_dn, None)
+        o = {"logits": logits[k][:, part], "boxes": boxes[k][:, part]}
+        return o | ({"corners": dec["corners"][k][:, part], "ref": dec["initial_box"].detach()[:, part]}
+                    if corners else {})
+
+    def teacher(denoising: bool) -> dict:
+        part = slice(0, n_dn) if denoising else slice(n_dn, None)
+        return {"corners": dec["corners"][-1][:, part], "logits": logits[-1][:, part]}
+
+    losses = {}
+
+    def add(suffix: str, o: dict, indices: list, num_boxes: float, teacher: dict | None = None) -> None:
+        for k, v in dfine.set_losses(o, labels, indices, num_boxes, model, teacher).items():
+            losses[k + suffix] = v * getattr(model.cfg, "weight_" + k)
+
+    num_boxes = float(max(sum(len(t["class_labels"]) for t in labels), 1))
+    o = output(L, False, corners=False)
+    add("", o, dfine.match(o, labels, model.cfg), num_boxes)
+    for k in range(L - 1):
+        o = output(k, False)
+        add(f"_aux_{k}", o, dfine.match(o, labels, model.cfg), num_boxes, teacher(False))
+    topk = q["topk_indices"][..., None].expand(-1, -1, logits[0].shape[-1])  # (B, Q, K)
+    o = {"logits": q["enc_outputs_class"].gather(1, topk), "boxes": q["init_reference_points"].sigmoid().clamp(0, 1)}
+    add(f"_aux_{L - 1}", o, dfine.match(o, labels, model.cfg), num_boxes)
+    if dn is not None:
+        dn_indices = [(p, torch.arange(len(t["boxes"])).tile(dn["groups"])) for p, t in zip(dn["positive_idx"], labels)]
+        for k in range(L):
+            add(f"_dn_{k}", output(k, True), dn_indices, num_boxes * dn["groups"], teacher(True))
+    return sum(losses.values()), losses
+
+
+def run(model, px, labels, hf: bool = False, as_transformers: bool = False):
+    """One training step's forward and backward -> (loss, loss_dict, {checkpoint-style name: gradient}); ours with
+    transformers' pairing of outputs where as_transformers."""
     model.train()
     torch.manual_seed(SEED)
-    out = model(pixel_values=px, labels=labels) if hf else model(px, labels=labels)
+    with mock.patch.object(dfine, "dfine_loss", transformers_loss if as_transformers else dfine.dfine_loss):
+        out = model(pixel_values=px, labels=labels) if hf else model(px, labels=labels)
     out.loss.backward()
     grads = {(dfine.key_map(n) if hf else n): p.grad for n, p in model.named_parameters() if p.grad is not None}
     return out.loss.detach(), {k: v.detach() for k, v in out.loss_dict.items()}, grads
@@ -59,7 +106,7 @@ def test_loss_and_gradients_match_transformers(size, backend):
     px, labels = batch(size)
     t = time.perf_counter()
     model = dfine.DFine.from_pretrained(checkpoint(size), backend=backend)
-    loss, terms, grads = run(model, px, labels)
+    loss, terms, grads = run(model, px, labels, as_transformers=True)
     print(f"\n{size} {backend}: forward + backward {time.perf_counter() - t:.2f} s")
     assert list(terms) == list(ref_terms), "loss terms differ in name or order"
     assert any(k.endswith("_dn_0") for k in terms) and "loss_ddf_aux_0" in terms  # denoising and GO-LSD are on
@@ -82,7 +129,7 @@ def test_loss_and_gradients_match_transformers(size, backend):
     if backend == "numba" and size == "n":  # the Numba backward is deterministic: the same bits twice
         first = {k: v.clone() for k, v in grads.items()}
         model.zero_grad()
-        _, _, again = run(model, px, labels)
+        _, _, again = run(model, px, labels, as_transformers=True)
         assert all(torch.equal(first[k], again[k]) for k in first)
 
 
@@ -164,28 +211,31 @@ def test_bad_labels_name_image_and_box(labels, message):
         model(torch.rand(2, 3, 256, 256), labels=[good, *labels])
 
 
-def test_pre_outputs_option_adds_its_terms_and_nothing_else():
-    """use_pre_outputs_loss adds the original's terms on the pre-box head (matched queries and denoising queries);
-    every other term stays as it was, and so do the gradients of everything the pre-box head does not depend on."""
+def test_default_loss_pairs_each_layer_as_the_original():
+    """The default (the original's) against transformers' pairing of the same outputs: each class-and-box term is
+    transformers' term one entry further on (the pre-box head's is its entry 0, the encoder's its _aux_{L-1}), bit
+    for bit; the last layer gets FGL and the next-to-last layer's matched queries their class and box terms, which
+    transformers gives neither."""
     px, labels = batch("n")
-    base = dfine.DFine.from_pretrained(checkpoint("n"))
-    _, terms, grads = run(base, px, labels)
-    extra = dfine.DFine.from_pretrained(checkpoint("n"))
-    extra.cfg.use_pre_outputs_loss = True
-    loss, extra_terms, extra_grads = run(extra, px, labels)
-    added = [k for k in extra_terms if k not in terms]
-    assert added == ["loss_vfl_pre", "loss_bbox_pre", "loss_giou_pre", "loss_vfl_dn_pre", "loss_bbox_dn_pre",
-                     "loss_giou_dn_pre"]
-    assert all(torch.equal(terms[k], extra_terms[k]) for k in terms)
-    assert torch.allclose(loss, sum(extra_terms.values()))
-    downstream = ("decoder.layers.1.", "decoder.layers.2.", "decoder.bbox_embed.", "decoder.lqe_layers.",
-                  "decoder.class_embed.1.", "decoder.class_embed.2.", "enc_")
-    for k in grads:
-        if k.startswith(downstream):
-            assert torch.equal(grads[k], extra_grads[k]), k
-    for k in ("decoder.pre_bbox_head.layers.2.weight", "decoder.class_embed.0.weight",
-              "decoder.layers.0.fc1.weight", "backbone.embedder.stem1.convolution.weight"):
-        assert not torch.equal(grads[k], extra_grads[k]), k
+    ours, theirs = (run(dfine.DFine.from_pretrained(checkpoint("n")), px, labels, as_transformers=a)
+                    for a in (False, True))
+    (loss, terms, grads), (_, ref, ref_grads) = ours, theirs
+    L = dfine.DFine.from_pretrained(checkpoint("n")).cfg.decoder_layers
+    box, local = ["vfl", "bbox", "giou"], ["vfl", "bbox", "giou", "fgl", "ddf"]
+    expected = [("", box + ["fgl"]), *((f"_aux_{k}", local) for k in range(L - 1)), ("_pre", box), ("_enc_0", box),
+                *((f"_dn_{k}", local) for k in range(L)), ("_dn_pre", box)]
+    assert list(terms) == [f"loss_{t}{s}" for s, ts in expected for t in ts]
+    same = {"": "", "_pre": "_aux_0", "_enc_0": f"_aux_{L - 1}", "_dn_pre": "_dn_0",
+            **{f"_aux_{k}": f"_aux_{k + 1}" for k in range(L - 2)},
+            **{f"_dn_{k}": f"_dn_{k + 1}" for k in range(L - 1)}}  # ours -> transformers' term of the same output
+    for a, b in same.items():  # the same outputs, the same terms
+        for t in ("vfl", "bbox", "giou"):
+            assert torch.equal(terms[f"loss_{t}{a}"], ref[f"loss_{t}{b}"]), (a, b, t)
+    assert "loss_fgl" not in ref and terms["loss_fgl"] > 0 and torch.allclose(loss, sum(terms.values()))
+    left_out = terms[f"loss_vfl_aux_{L - 2}"]  # the next-to-last layer's matched queries: no term in transformers
+    assert not any(torch.equal(left_out, v) for v in ref.values())
+    head = f"decoder.class_embed.{L - 2}.weight"  # in transformers only through the denoising queries
+    assert not torch.equal(grads[head], ref_grads[head])
 
 
 def test_model_from_config_starts_at_the_prior():
@@ -201,3 +251,20 @@ def test_model_from_config_starts_at_the_prior():
     assert 0.005 < enc.mean().item() < 0.02
     px, labels = batch("n")
     assert torch.isfinite(model.train()(px, labels=labels).loss)
+
+
+def test_fgl_targets_are_in_the_decoders_own_units():
+    """FGL's target for a true edge, read back through the decoder's own W(n) and distance2bbox, is that edge: with
+    the reg_scale the weights hold (8, as D-FINE X's file), not the config's (4, as its config.json)."""
+    model = dfine.DFine(dfine.DFineConfig.from_dict(hub_config("dfine_n_coco")))
+    model.decoder.reg_scale.fill_(8.0)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.cat([0.3 + 0.4 * torch.rand(20, 2, generator=g), 0.2 + 0.3 * torch.rand(20, 2, generator=g)], 1)
+    gt = dfine.center_to_corners(ref + 0.03 * torch.randn(20, 4, generator=g))  # (20, 4) xyxy, near each ref
+    d, N = model.decoder, model.cfg.max_num_bins
+    for reg_scale, exact in ((d.reg_scale, True), (torch.tensor([model.cfg.reg_scale]), False)):
+        bins, w_right, w_left = dfine.edge_targets(ref, gt, N, reg_scale, d.up)
+        edges, i = dfine.weighting_function(N, d.up, d.reg_scale), bins.long()
+        dist = (w_left * edges[i] + w_right * edges[i + 1]).reshape(20, 4)  # the edge offsets the target means
+        back = dfine.center_to_corners(dfine.distance2bbox(ref, dist, d.reg_scale))
+        assert torch.allclose(back, gt, atol=1e-5) == exact
