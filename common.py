@@ -9,19 +9,25 @@
 6. stage dumps: save named tensors with metadata; `python common.py compare A B`
 7. training: labels checked, the Hungarian matcher (scipy), focal class cost, box IoU/GIoU, L1 and GIoU losses
 8. ONNX: export a forward (logits, pred_boxes) with named inputs; run the file in onnxruntime, inputs checked
+9. training on your data: a COCO file read and checked, augmentations (torchvision), the loop (AdamW, EMA, resume)
 
 Shapes: B batch, S image tokens (all levels), Q queries, L levels, P points (all levels), nH heads, hD head dim.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import sys
+import time
 import urllib.request
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -86,6 +92,34 @@ def check_cli_args(args: argparse.Namespace) -> None:
     for out in (args.save, args.dump, args.export_onnx):
         if out and not Path(out).resolve().parent.is_dir():
             raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
+
+
+def train_parser(description: str) -> argparse.ArgumentParser:
+    """`python dfine.py train ...` and `python gdino.py train ...`: fine-tune on a COCO dataset (section 9)."""
+    ap = argparse.ArgumentParser(prog="train", description=description)
+    ap.add_argument("--coco", required=True, help="the training images' COCO instances JSON")
+    ap.add_argument("--images", required=True, help="the folder its file_name entries are in")
+    ap.add_argument("--init", required=True, help="the model to start from: Hub id or local folder")
+    ap.add_argument("--out", required=True, help="folder for the best EMA weights; OUT/last: the state to resume")
+    ap.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    ap.add_argument("--batch", type=int, default=8, help="images per step")
+    ap.add_argument("--val", help="a validation COCO JSON: mAP (pycocotools) every --eval-every steps")
+    ap.add_argument("--val-images", help="its images folder (default: --images)")
+    ap.add_argument("--eval-every", type=int, default=500, help="steps between evaluations and saved states")
+    ap.add_argument("--lr", type=float, help="AdamW's peak learning rate (default: the original recipe's)")
+    ap.add_argument("--seed", type=int, default=0, help="the order of the images, augmentations, new heads")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    return ap
+
+
+def train_args(ap: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The parsed options as the keyword arguments of the files' train(), checked before any work."""
+    args = vars(ap.parse_args(argv))
+    if args["steps"] < 1 or args["batch"] < 1 or args["eval_every"] < 1:
+        raise InputError("--steps, --batch and --eval-every must be at least 1")
+    if not Path(args["out"]).resolve().parent.is_dir():
+        raise InputError(f"cannot write {args['out']}: folder {Path(args['out']).resolve().parent} does not exist")
+    return args
 
 
 def detection_rows(labels: Sequence[str], label_ids, scores, boxes) -> list[dict]:
@@ -670,6 +704,215 @@ class OnnxModel:
                     raise InputError(f"{name} has {dim} {got} where another input has {sizes[dim]}")
         outs = self.session.run(None, feed)
         return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outs)}
+
+
+# -----------------------------------------------------------------------------
+# 9. Training on your data: a COCO file, augmentations, and the loop both models train with
+#
+# Classes are the file's categories sorted by id: class k is the k-th, whatever the ids (7, 42, 1000 -> 0, 1, 2);
+# a fine-tuned model saves the names as config.json's id2label and the ids under COCO_IDS_KEY, so detections can be
+# written back in the dataset's ids. Crowd boxes are left out of the training targets (as DETR does) and kept for
+# evaluation, where pycocotools treats them as COCO does. Augmentations come from torchvision.transforms.v2 (a
+# training-only dependency, imported here only). A batch is a function of (seed, step): a resumed run repeats it.
+
+COCO_IDS_KEY = "coco_category_ids"  # config.json: the dataset's category id of each class, in class order
+
+
+@dataclass
+class CocoData:
+    path: Path  # the JSON file
+    names: list[str]  # class k's category name
+    category_ids: list[int]  # class k's category id in the file
+    images: list[dict]  # per image: id, file, size (w, h), boxes (n, 4) xyxy pixels, classes (n,), crowd (n,) bool
+    coco: dict  # the file as read, for pycocotools
+
+
+def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
+    """A COCO instances file and its images folder -> CocoData; an InputError naming the file and the entry for
+    what cannot be right, a warning for a box partly outside its image (clipped)."""
+    path, folder = Path(json_path), Path(images)
+    try:
+        d = json.loads(path.read_text())
+        cats, anns = sorted(d["categories"], key=lambda c: c["id"]), d.get("annotations", [])
+        ims = {im["id"]: {"id": im["id"], "file": folder / im["file_name"], "size": (im["width"], im["height"]),
+                          "rows": []} for im in d["images"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} is not a readable COCO instances file ({type(e).__name__}: {e}); it needs 'images' "
+                         f"(id, file_name, width, height), 'categories' (id, name), 'annotations'") from None
+    cls, seen = {c["id"]: k for k, c in enumerate(cats)}, set()
+    for im in ims.values():
+        if not im["file"].is_file():
+            raise InputError(f"{path}: image {im['id']}'s file {im['file']} does not exist; check --images {folder}")
+    for a in anns:
+        where = f"{path}: annotation {a.get('id') if isinstance(a, dict) else a!r}"
+        try:
+            (x, y, w, h), c, im = [float(v) for v in a["bbox"]], a["category_id"], ims.get(a["image_id"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{where} needs id, image_id, category_id and bbox [x, y, width, height]") from None
+        if a["id"] in seen or c not in cls or im is None:
+            raise InputError(f"{where}: the id is used twice" if a["id"] in seen else f"{where}: category_id {c} or "
+                             f"image_id {a['image_id']} is not among the file's categories {sorted(cls)} or images")
+        seen.add(a["id"])
+        W, H = im["size"]
+        box = [max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)]
+        if w <= 0 or h <= 0 or box[2] <= box[0] or box[3] <= box[1]:
+            raise InputError(f"{where}: bbox {a['bbox']} has no area inside its {W}x{H} image (x, y, width, height)")
+        if box != [x, y, x + w, y + h]:
+            warnings.warn(f"{where}: bbox {a['bbox']} reaches outside its {W}x{H} image; clipped to it")
+        im["rows"].append([*box, cls[c], bool(a.get("iscrowd", 0))])
+    for im in ims.values():
+        rows = torch.tensor(im.pop("rows"), dtype=torch.float64).reshape(-1, 6)  # (n, 6): xyxy, class, crowd
+        im.update(boxes=rows[:, :4].float(), classes=rows[:, 4].long(), crowd=rows[:, 5].bool())
+    return CocoData(path, [c["name"] for c in cats], [c["id"] for c in cats], list(ims.values()), d)
+
+
+def coco_transforms(recipe: str, size: tuple[int, int], augment: bool):
+    """Per-image augmentations. "dfine": the original D-FINE's (photometric distortion, zoom-out, IoU crop with
+    p=0.8, flip, resize to the model's input; flip and resize only once `augment` is off). "gdino": mmdetection's
+    Grounding DINO fine-tuning (flip; half the time a resize and a random crop), at the model's short edge size[0]
+    where mmdet's numbers are for 800 (the final resize is preprocessing's, at a scale drawn per batch)."""
+    from torchvision.transforms import v2 as T
+
+    if recipe == "dfine":
+        first = [T.RandomPhotometricDistort(p=0.5), T.RandomZoomOut(fill=0), T.RandomApply([T.RandomIoUCrop()], 0.8),
+                 T.SanitizeBoundingBoxes(min_size=1)] if augment else []
+        return T.Compose([*first, T.RandomHorizontalFlip(), T.Resize(size), T.SanitizeBoundingBoxes(min_size=1)])
+    e = size[0] / 800
+    crop = T.Compose([T.RandomChoice([T.Resize(int(e * s)) for s in (400, 500, 600)]),
+                      T.RandomChoice([T.RandomCrop(int(e * s)) for s in (384, 480, 600)]),
+                      T.SanitizeBoundingBoxes(min_size=1)])
+    return T.Compose([T.RandomHorizontalFlip(), T.RandomApply([crop], 0.5)] if augment else [])
+
+
+def coco_batch(data: CocoData, t: int, batch: int, seed: int, transforms, scales: Sequence = ()) -> tuple[list, object]:
+    """Step t's images (each epoch in a fresh seeded order), crowd boxes dropped, augmented -> per image {"image"
+    uint8 (3, H, W), "boxes" (n, 4) xyxy pixels of it, "classes" (n,)}, and one of `scales` for the whole batch (the
+    original D-FINE's multi-scale collate; None without). Draws from a torch RNG seeded by (seed, t), so the
+    model's own draws (denoising groups, dropout) stay as they would be without augmentation."""
+    from torchvision import tv_tensors
+
+    out, n = [], len(data.images)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed * 1_000_003 + t)
+        for j in range(t * batch, (t + 1) * batch):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 - 1 - j // n))
+            im = data.images[int(order[j % n])]
+            pic = torch.from_numpy(np.array(load_image(im["file"]))).permute(2, 0, 1)  # (3, H, W) uint8
+            if pic.shape[1:] != im["size"][::-1]:
+                raise InputError(f"{data.path}: image {im['id']} ({im['file']}) is {pic.shape[2]}x{pic.shape[1]}, "
+                                 f"the file says {im['size'][0]}x{im['size'][1]}")
+            keep = ~im["crowd"]
+            boxes = tv_tensors.BoundingBoxes(im["boxes"][keep], format="XYXY", canvas_size=pic.shape[1:])
+            pic, target = transforms(tv_tensors.Image(pic), {"boxes": boxes, "labels": im["classes"][keep]})
+            H, W = pic.shape[1:]
+            xyxy = target["boxes"].as_subclass(torch.Tensor).clamp(min=0).minimum(torch.tensor([W, H, W, H]))
+            out.append({"image": pic.as_subclass(torch.Tensor), "boxes": xyxy, "classes": target["labels"]})
+        return out, scales[int(torch.randint(len(scales), ()))] if len(scales) else None
+
+
+def coco_eval(data: CocoData, detections: list[dict]) -> dict:
+    """Per image of `data` its detections {"boxes" xyxy pixels, "scores", "labels" classes} -> pycocotools' box mAP
+    {"map": AP@[.5:.95], "map50", "map75"}, in the file's category ids, crowd boxes as COCO treats them."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dt = [{"image_id": im["id"], "category_id": data.category_ids[int(c)], "score": float(s),
+           "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+          for im, d in zip(data.images, detections)
+          for b, s, c in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist())]
+    if not dt:
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        truth = COCO()
+        truth.dataset = {"info": {}, **data.coco}
+        truth.createIndex()
+        ev = COCOeval(truth, truth.loadRes(dt), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    return {"map": float(ev.stats[0]), "map50": float(ev.stats[1]), "map75": float(ev.stats[2])}
+
+
+def _split(x, key: str, tensors: dict):
+    """Nested dicts and lists -> the same with every tensor moved into tensors[key] (safetensors), the rest JSON."""
+    if isinstance(x, torch.Tensor):
+        tensors[key] = x.detach().contiguous()
+        return {"tensor": key}
+    if isinstance(x, (list, tuple)):
+        return [_split(v, f"{key}.{i}".lstrip("."), tensors) for i, v in enumerate(x)]
+    return {k: _split(v, f"{key}.{k}".lstrip("."), tensors) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def _join(x, tensors: dict):  # _split's inverse; all-digit keys were ints (the optimizer's parameter indices)
+    if isinstance(x, dict):
+        return tensors[x["tensor"]] if set(x) == {"tensor"} else {
+            int(k) if k.isdigit() else k: _join(v, tensors) for k, v in x.items()}
+    return [_join(v, tensors) for v in x] if isinstance(x, list) else x
+
+
+def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: str | Path | None = None,
+        evaluate: Callable[[torch.nn.Module], dict] | None = None, eval_every: int = 500, lr: float = 1e-4,
+        backbone: tuple[str, ...] = ("backbone.",), backbone_lr: float = 0.1, weight_decay: float = 1e-4,
+        warmup: int = 100, clip: float = 0.1, ema_decay: float = 0.9999, ema_warmups: int = 2000,
+        resume: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Train with the model's own loss (forward(**batch(t)).loss) as both originals do: AdamW, parameters whose names
+    start with `backbone` at lr * backbone_lr, no weight decay on norms, biases and embeddings; a linear warm-up then a
+    cosine decay; gradients clipped to norm `clip`; an EMA of the weights (D-FINE's: decay ema_decay * (1 -
+    exp(-updates / ema_warmups))). Every eval_every steps and at the end: evaluate(EMA model) -> {"map50", "map"},
+    and `out` gets the EMA weights when best (without evaluate: the last) as a from_pretrained folder, and out/last
+    the state that resume=True continues from, bit for bit. Returns the history (losses, mAPs, seconds)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    flat = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the key: (in the backbone, free of weight decay)
+            free = p.ndim <= 1 or id(p) in flat or name.endswith(("position_bias_table", "level_embed"))
+            groups.setdefault((name.startswith(backbone), free), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr * (backbone_lr if bb else 1.0),
+                              "weight_decay": 0.0 if free else weight_decay} for (bb, free), ps in groups.items()])
+    ramp = lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+    rate = lambda n: ema_decay * (1 - math.exp(-float(n) / ema_warmups))  # noqa: E731
+    ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True, avg_fn=lambda avg, new, n: (
+        avg * rate(n) + new * (1 - rate(n)) if avg.is_floating_point() else avg))
+    ema.update_parameters(model)  # the first update copies the model; updates = 1 from here, as the original's
+    hist = {"step": [], "loss": [], "eval_step": [], "map50": [], "map": [], "seconds": 0.0, "best": -1.0}
+    last = Path(out or ".") / "last"
+    if resume:
+        if not out or not (last / "state.json").is_file():
+            raise InputError(f"nothing to resume: {last / 'state.json'} does not exist; train without resume first")
+        s = _join(json.loads((last / "state.json").read_text()), load_file(last / "state.safetensors"))
+        model.load_state_dict(s["model"]), ema.load_state_dict(s["ema"]), opt.load_state_dict(s["opt"])
+        schedule.load_state_dict(s["schedule"]), torch.set_rng_state(s["rng"])
+        hist = s["history"]
+    log, bar = log or tqdm.write, tqdm(range(len(hist["step"]), steps), initial=len(hist["step"]), total=steps)
+    model.train()
+    for t in bar:
+        start = time.perf_counter()
+        loss = model(**batch(t)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step(), schedule.step(), ema.update_parameters(model)
+        hist["step"].append(t + 1), hist["loss"].append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (t + 1) % eval_every == 0 or t + 1 == steps:
+            if evaluate:
+                m = evaluate(ema.module)
+                hist["eval_step"].append(t + 1), hist["map50"].append(m["map50"]), hist["map"].append(m["map"])
+                log(f"step {t + 1}/{steps}  loss {np.mean(hist['loss'][-eval_every:]):.3f}  EMA mAP@0.5 "
+                    f"{m['map50']:.3f}  mAP {m['map']:.3f}")
+            if out and (not evaluate or hist["map"][-1] > hist["best"]):
+                hist["best"] = hist["map"][-1] if evaluate else -1.0
+                ema.module.save_pretrained(out)
+        hist["seconds"] += time.perf_counter() - start
+        if out and ((t + 1) % eval_every == 0 or t + 1 == steps):
+            state, tensors = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                              "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "history": hist}, {}
+            last.mkdir(parents=True, exist_ok=True)
+            (last / "state.json").write_text(json.dumps(_split(state, "", tensors)))
+            save_file(tensors, str(last / "state.safetensors"))
+    return hist
 
 
 def _main() -> int:

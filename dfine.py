@@ -32,7 +32,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, field, fields
+import sys
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,7 @@ class DFineConfig:
     reg_scale: float = 4.0  # W(n)'s curvature and range for a model built from the config (checkpoints hold theirs)
     up: float = 0.5
     initializer_bias_prior_prob: float | None = None  # initial class probability; None: 0.01, as the original
+    coco_category_ids: list[int] | None = None  # fine-tuned: each class's id in the dataset (common.COCO_IDS_KEY)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "DFineConfig":
@@ -1074,6 +1076,60 @@ def init_weights(model: "DFine") -> None:
     d.reg_scale.fill_(cfg.reg_scale), d.up.fill_(cfg.up)
 
 
+# Fine-tuning on a COCO dataset (common.read_coco, common.fit) with the original's recipe
+
+NO_AUG_SHARE = 0.1  # the original turns augmentation and multi-scale off for its last epochs (72 of 80 for L)
+
+
+def with_classes(model: DFine, names: list[str], category_ids: list[int]) -> DFine:
+    """The model for a dataset's classes: the class heads (encoder and every decoder layer) and the denoising label
+    embedding made anew, as from scratch, unless the names are the model's own; every other weight kept."""
+    cfg = replace(model.cfg, id2label=dict(enumerate(names)), coco_category_ids=list(category_ids))
+    new = DFine(cfg, model.backend)
+    heads = () if list(names) == list(model.cfg.id2label.values()) else (
+        "enc_score_head.", "decoder.class_embed.", "denoising_class_embed.")
+    new.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(heads)}, strict=False)
+    new.input_size = model.input_size
+    return new
+
+
+def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 8, val: str | None = None,
+          val_images: str | None = None, eval_every: int = 500, lr: float | None = None, seed: int = 0,
+          resume: bool = False, log=None) -> dict:
+    """Fine-tune `init` (Hub id or folder) on a COCO dataset as the original does: AdamW (lr 2e-4 unless given,
+    the backbone at half of it), its augmentations and multi-scale, off for the last NO_AUG_SHARE of the steps,
+    EMA; the best EMA weights go to `out` (common.fit). Returns fit's history."""
+    data = common.read_coco(coco, images)
+    test = common.read_coco(val, val_images or images) if val else None
+    torch.manual_seed(seed)
+    model = with_classes(DFine.from_pretrained(init), data.names, data.category_ids)
+    H, W = model.input_size
+    low = list(range(int(H * 0.75 / 32) * 32, H, 32))  # the original's scales: 0.75-1.25 of the size, base x3
+    scales = low + [H] * 3 + [int(H * 1.25 / 32) * 32 - 32 * i for i in range(len(low))]
+    scales = [s for s in scales if sum((s // k) ** 2 * W // H for k in model.cfg.feat_strides) >= model.cfg.num_queries]
+
+    def inputs(t: int) -> dict:
+        aug = t < steps - int(steps * NO_AUG_SHARE)
+        samples, s = common.coco_batch(data, t, batch, seed, common.coco_transforms("dfine", (H, W), aug),
+                                       scales if aug else ())
+        pixel_values = torch.stack([x["image"] for x in samples]).float() / 255  # (B, 3, H, W) in [0, 1]
+        if s:  # as the original's collate: the whole batch resized (nearest), boxes stay normalised
+            pixel_values = F.interpolate(pixel_values, size=(s, round(s * W / H / 32) * 32))
+        wh = torch.tensor([W, H, W, H], dtype=torch.float32)
+        return {"pixel_values": pixel_values, "labels": [{"class_labels": x["classes"],
+                "boxes": common.corners_to_center(x["boxes"]) / wh} for x in samples]}
+
+    def evaluate(m: DFine) -> dict:  # the 100 best (query, class) pairs per image
+        m.eval()
+        files = [im["file"] for im in test.images]
+        dets = [r for i in range(0, len(files), 16) for r in m.detect(files[i:i + 16], 0.0, top_k=100)]
+        m.train()
+        return common.coco_eval(test, dets)
+
+    return common.fit(model, inputs, steps, out, evaluate if test else None, eval_every, lr or 2e-4,
+                      backbone_lr=0.5, resume=resume, log=log)
+
+
 # -----------------------------------------------------------------------------
 # 10. The key map: Hub checkpoint names -> this file's module names, and saving (the same map read backwards)
 #
@@ -1277,6 +1333,10 @@ DFine.export_onnx = export_onnx  # a method of the model, defined here to keep t
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        train(**common.train_args(common.train_parser("Fine-tune D-FINE on a COCO dataset."), argv[1:]))
+        return 0
     ap = common.cli_parser("D-FINE object detection (80 COCO or 366 Objects365 classes).",
                            "ustc-community/dfine-large-coco", 0.5)
     ap.add_argument("images", nargs="+", help="image files or http(s) URLs")
