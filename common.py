@@ -766,20 +766,31 @@ def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
     return CocoData(path, [c["name"] for c in cats], [c["id"] for c in cats], list(ims.values()), d)
 
 
-def coco_transforms(recipe: str, size: tuple[int, int], augment: bool):
+def coco_transforms(recipe: str, size: tuple[int, ...], augment: bool):
     """Per-image augmentations. "dfine": the original D-FINE's (photometric distortion, zoom-out, IoU crop with
-    p=0.8, flip, resize to the model's input; flip and resize only once `augment` is off). "gdino": mmdetection's
-    Grounding DINO fine-tuning (flip; half the time a resize and a random crop), at the model's short edge size[0]
-    where mmdet's numbers are for 800 (the final resize is preprocessing's, at a scale drawn per batch)."""
+    p=0.8, flip, resize to the model's (H, W) `size`; flip and resize only once `augment` is off). "gdino":
+    mmdetection's Grounding DINO fine-tuning (flip; half the time a resize of the short edge to 400, 500 or 600 and a
+    crop of sides drawn in [384, 600]), scaled from mmdet's short edge 800 to the model's, size[0]; the final resize
+    is the preprocessing's, at a scale drawn per batch."""
     from torchvision.transforms import v2 as T
+
+    class RangeCrop(T.Transform):  # mmdet's RandomCrop(crop_type="absolute_range"): each side drawn, then a place
+        def make_params(self, flat_inputs):
+            H, W = T.functional.get_size(next(x for x in flat_inputs if isinstance(x, torch.Tensor) and x.ndim == 3))
+            h, w = (int(torch.randint(min(lo, n), min(hi, n) + 1, ())) for n in (H, W))
+            return {"top": int(torch.randint(H - h + 1, ())), "left": int(torch.randint(W - w + 1, ())),
+                    "height": h, "width": w}
+
+        def transform(self, inpt, params):
+            return T.functional.crop(inpt, **params)
 
     if recipe == "dfine":
         first = [T.RandomPhotometricDistort(p=0.5), T.RandomZoomOut(fill=0), T.RandomApply([T.RandomIoUCrop()], 0.8),
                  T.SanitizeBoundingBoxes(min_size=1)] if augment else []
         return T.Compose([*first, T.RandomHorizontalFlip(), T.Resize(size), T.SanitizeBoundingBoxes(min_size=1)])
     e = size[0] / 800
-    crop = T.Compose([T.RandomChoice([T.Resize(int(e * s)) for s in (400, 500, 600)]),
-                      T.RandomChoice([T.RandomCrop(int(e * s)) for s in (384, 480, 600)]),
+    lo, hi = int(384 * e), int(600 * e)
+    crop = T.Compose([T.RandomChoice([T.Resize(int(e * s)) for s in (400, 500, 600)]), RangeCrop(),
                       T.SanitizeBoundingBoxes(min_size=1)])
     return T.Compose([T.RandomHorizontalFlip(), T.RandomApply([crop], 0.5)] if augment else [])
 

@@ -45,6 +45,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -138,6 +139,8 @@ class GroundingDinoConfig:
     giou_loss_coefficient: float = 2.0
     focal_alpha: float = 0.25
     auxiliary_loss: bool = False  # the Hub configs say false; the papers train every decoder layer (set true)
+    id2label: dict[int, str] | None = None  # fine-tuned (train): the dataset's classes, detect's default prompt
+    coco_category_ids: list[int] | None = None  # fine-tuned: each class's id in the dataset (common.COCO_IDS_KEY)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> GroundingDinoConfig:
@@ -160,6 +163,8 @@ class GroundingDinoConfig:
         if not bb.get("out_features") and bb.get("out_indices"):  # older configs name stages by index only
             bb["out_features"] = [["stem", "stage1", "stage2", "stage3", "stage4"][i] for i in bb["out_indices"]]
         top = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and k not in ("backbone", "text")}
+        if top.get("id2label"):  # JSON keys are strings
+            top["id2label"] = {int(k): v for k, v in top["id2label"].items()}
         return cls(backbone=known_fields(SwinConfig, bb), text=known_fields(BertConfig, tx), **top)
 
     @property
@@ -1083,7 +1088,7 @@ def encode_image(model: GroundingDino, image, size: tuple[int, int] | None = Non
 
 
 @torch.inference_mode()
-def detect(model: GroundingDino, images, prompts, threshold: float = 0.25, text_threshold: float = 0.25,
+def detect(model: GroundingDino, images, prompts=None, threshold: float = 0.25, text_threshold: float = 0.25,
            size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
            class_agnostic: bool = False) -> dict | list[dict]:
     """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
@@ -1094,7 +1099,7 @@ def detect(model: GroundingDino, images, prompts, threshold: float = 0.25, text_
     size: (shortest, longest) edges to resize to, as the processor's size={"shortest_edge", "longest_edge"};
     None: the checkpoint's. nms: an IoU above which a box is dropped for a better one of the same label (of any
     label with class_agnostic), common.nms; top_k: keep the k best. With either, results are sorted by score;
-    without (the default), they are transformers' (query order, no NMS).
+    without (the default), they are transformers' (query order, no NMS). prompts None: a fine-tuned model's classes.
 
     Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
     padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
@@ -1105,6 +1110,7 @@ def detect(model: GroundingDino, images, prompts, threshold: float = 0.25, text_
     """
     threshold = check_threshold("threshold", threshold)
     text_threshold = check_threshold("text_threshold", text_threshold)
+    prompts = class_names(model) if prompts is None else prompts
     single = not isinstance(images, (list, tuple))
     images = [images] if single else list(images)
     if not images:
@@ -1135,6 +1141,14 @@ def detect(model: GroundingDino, images, prompts, threshold: float = 0.25, text_
              "label_ids": torch.cat([p["label_ids"] for p in parts])}
         results.append(common.best_detections(r, nms, top_k, None if class_agnostic else r["label_ids"]))
     return results[0] if single else results
+
+
+def class_names(model: GroundingDino) -> list[str]:
+    """The classes a fine-tuned model was trained on (its config's id2label), the prompt detect uses without one."""
+    if not model.cfg.id2label:
+        raise InputError(f"{getattr(model, 'name_or_path', 'this model')} has no classes of its own (it was not "
+                         f"fine-tuned here); give a prompt, e.g. \"a cat. a remote control.\"")
+    return [model.cfg.id2label[k] for k in sorted(model.cfg.id2label)]
 
 
 GroundingDino.encode_prompt = encode_prompt  # methods of the model, defined here to keep the model class the model
@@ -1330,6 +1344,7 @@ def config_json(cfg: GroundingDinoConfig) -> dict:
     arch = "MMGroundingDinoForObjectDetection" if cfg.is_mm else "GroundingDinoForObjectDetection"
     return {"architectures": [arch],
             **{k: v for k, v in top.items() if v is not None},
+            **({"label2id": {v: k for k, v in cfg.id2label.items()}} if cfg.id2label else {}),
             "backbone_config": {"model_type": "swin", **asdict(cfg.backbone)},
             "text_config": {"model_type": "bert", **asdict(cfg.text)}}
 
@@ -1611,6 +1626,55 @@ def class_prior(model: GroundingDino) -> None:
         norm.bias.copy_(sign * math.sqrt(-bias) * u)
 
 
+# Fine-tuning on a COCO dataset (common.read_coco, common.fit) with mmdetection's Grounding DINO recipe: no new head,
+# the category names become the prompt's phrases (a long list in chunks, as detect splits it: one chunk per step).
+
+
+def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 4, val: str | None = None,
+          val_images: str | None = None, eval_every: int = 500, lr: float | None = None, seed: int = 0,
+          resume: bool = False, log=None) -> dict:
+    """Fine-tune `init` (Hub id or folder) on a COCO dataset as mmdetection does: AdamW (lr 1e-4 unless given, Swin
+    and BERT at a tenth of it), flip and resize-and-crop, a shortest edge drawn per batch from 0.6-1 of the model's
+    (mmdet's 480-800 for 800), every decoder layer's loss, EMA; the best EMA weights go to `out` (common.fit), with
+    the class names in config.json, so its detect(image) asks for them. Returns fit's history."""
+    data = common.read_coco(coco, images)
+    test = common.read_coco(val, val_images or images) if val else None
+    torch.manual_seed(seed)
+    model = from_pretrained(init)
+    model.cfg.id2label, model.cfg.coco_category_ids = dict(enumerate(data.names)), list(data.category_ids)
+    model.cfg.auxiliary_loss = True
+    chunks = chunk_prompt(model.tokenizer, data.names, model.cfg.max_text_len)
+    first = np.cumsum([0] + [len(split_phrases(c)) for c in chunks])  # chunk k holds classes first[k]..first[k+1]-1
+    p = model.preprocessor
+    scales = [round(p["shortest"] * s / 800) for s in range(480, 801, 32)]
+
+    def inputs(t: int) -> dict:
+        k = t % len(chunks)
+        samples, s = common.coco_batch(data, t, batch, seed, common.coco_transforms("gdino", (p["shortest"],), True),
+                                       scales)
+        pics = [Image.fromarray(x["image"].permute(1, 2, 0).numpy()) for x in samples]
+        pixel_values, pixel_mask, _ = preprocess_images(pics, s, round(s * p["longest"] / p["shortest"]), p["mean"],
+                                                        p["std"])
+        labels = []
+        for x, pic in zip(samples, pics):
+            keep = (x["classes"] >= first[k]) & (x["classes"] < first[k + 1])  # the classes this chunk names
+            wh = torch.tensor(pic.size * 2, dtype=torch.float32)  # w, h, w, h
+            labels.append({"class_labels": x["classes"][keep] - int(first[k]),
+                           "boxes": common.corners_to_center(x["boxes"][keep]) / wh})
+        return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels,
+                **tokenize(model.tokenizer, [chunks[k]] * len(samples))}
+
+    def evaluate(m: GroundingDino) -> dict:  # detect's 100 best boxes per image, each with its best class
+        m.eval()
+        dets = [{**r, "labels": r["label_ids"]} for r in m.detect([im["file"] for im in test.images], data.names,
+                                                                 0.0, 0.0, top_k=100)]
+        m.train()
+        return common.coco_eval(test, dets)
+
+    return common.fit(model, inputs, steps, out, evaluate if test else None, eval_every, lr or 1e-4,
+                      ("backbone.", "text_backbone."), 0.1, resume=resume, log=log)
+
+
 # -----------------------------------------------------------------------------
 # 13. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
 #
@@ -1663,9 +1727,14 @@ GroundingDino.export_onnx = export_onnx  # a method of the model, defined here t
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        train(**common.train_args(common.train_parser("Fine-tune Grounding DINO on a COCO dataset."), argv[1:]))
+        return 0
     ap = common.cli_parser("Open-set detection: boxes for the phrases of a text prompt.", DEFAULT_MODEL, 0.25)
     ap.add_argument("image", help="image path or URL")
-    ap.add_argument("prompt", help="phrases ending in '.', e.g. \"a cat. a remote control.\"")
+    ap.add_argument("prompt", nargs="?", help="phrases ending in '.', e.g. \"a cat. a remote control.\" (default: a "
+                    "fine-tuned model's classes)")
     ap.add_argument("--text-threshold", type=float, default=0.25, help="tokens above this form the label")
     ap.add_argument("--size", type=int, nargs=2, metavar=("SHORTEST", "LONGEST"),
                     help="resize edges (default: the checkpoint's, 800 1333): smaller is faster")
@@ -1676,11 +1745,12 @@ def main(argv: list[str] | None = None) -> int:
     model = GroundingDino.from_pretrained(args.model, args.revision, args.backend, getattr(torch, args.dtype))
     t0 = time.perf_counter()
     size = tuple(args.size) if args.size else None
-    r = model.detect(image, args.prompt, args.threshold, args.text_threshold, size, args.nms, args.top_k)
+    prompt = args.prompt or class_names(model)
+    r = model.detect(image, prompt, args.threshold, args.text_threshold, size, args.nms, args.top_k)
     seconds = time.perf_counter() - t0
     rows = common.detection_rows(r["labels"], r["label_ids"], r["scores"], r["boxes"])
     if args.json:
-        print(json.dumps({"image": args.image, "prompt": args.prompt, "model": args.model, "detections": rows}))
+        print(json.dumps({"image": args.image, "prompt": prompt, "model": args.model, "detections": rows}))
     else:
         for d in rows:
             print(f"{d['label']:<24} {d['score']:.3f}  {d['box']}")
@@ -1688,7 +1758,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stages():  # the first chunk's, for a prompt over max_text_len tokens
         enc = model.encode_image(image, size)
-        tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, args.prompt, model.cfg.max_text_len)[:1])
+        tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, prompt, model.cfg.max_text_len)[:1])
         with torch.inference_mode():
             out = model(enc.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
                         enc.pixel_mask, return_stages=True, backbone_maps=enc.maps)

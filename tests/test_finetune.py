@@ -18,12 +18,14 @@ from safetensors.torch import load_file
 
 import common
 import dfine
+import gdino
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "notebooks"))
 import shapes  # noqa: E402  (notebooks/shapes.py: the scenes and their COCO writer)
 
 DFINE_SHAPES = ROOT / "notebooks" / "models" / "dfine-shapes"
+GDINO_SHAPES = ROOT / "notebooks" / "models" / "gdino-shapes"
 CATS = {7: "circle", 42: "square", 1000: "triangle"}
 
 
@@ -162,3 +164,42 @@ def test_resume_continues_bit_for_bit(coco, tmp_path, monkeypatch):
     saved = dfine.DFine.from_pretrained(tmp_path / "resumed").state_dict()
     assert all(torch.equal(v, a[f"ema.module.{k}"]) for k, v in saved.items())
     assert not all(torch.equal(v, a[f"model.{k}"]) for k, v in saved.items())  # the EMA, not the last weights
+
+
+def test_gdino_fine_tunes_and_detects_its_classes_without_a_prompt(coco, tmp_path):
+    """Two steps from gdino-shapes: the category names are the prompt; the folder keeps them (id2label, label2id,
+    coco_category_ids), so detect(image) without a prompt asks for them; a model not fine-tuned asks for a prompt."""
+    from transformers import GroundingDinoConfig
+
+    out = tmp_path / "ft"
+    hist = gdino.train(str(coco["train"]), str(coco["images"]), str(GDINO_SHAPES), str(out), steps=2, batch=2,
+                       val=str(coco["val"]), val_images=str(coco["val_images"]), eval_every=2)
+    assert hist["eval_step"] == [2] and 0 <= hist["map50"][0] <= 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "circle", "1": "square", "2": "triangle"} and cfg["label2id"]["triangle"] == 2
+    assert cfg[common.COCO_IDS_KEY] == [7, 42, 1000]
+    assert GroundingDinoConfig.from_pretrained(out).id2label == {0: "circle", 1: "square", 2: "triangle"}
+    model = gdino.GroundingDino.from_pretrained(out)
+    r = model.detect(coco["val_images"] / f"{shapes.VAL_SEED}.png", threshold=0.0, top_k=5)
+    assert len(r["labels"]) == 5 and set(r["label_ids"].tolist()) <= {0, 1, 2}
+    with pytest.raises(common.InputError, match="give a prompt"):
+        gdino.GroundingDino.from_pretrained(GDINO_SHAPES).detect(coco["val_images"] / f"{shapes.VAL_SEED}.png")
+
+
+def test_gdino_long_category_lists_train_in_chunks(coco, tmp_path, monkeypatch):
+    """103 categories (a prompt over 256 tokens): each step's prompt is one chunk of whole names, as detect splits
+    them, and its labels are the objects of the classes that chunk names, numbered within it."""
+    fillers = [{"id": 100 + i, "name": f"filler shape number {i}"} for i in range(100)]
+    path = write_edited(coco, tmp_path, lambda d: d["categories"].extend(fillers))
+    monkeypatch.setattr(common, "fit", lambda model, batch, *a, **k: (model, batch))
+    model, inputs = gdino.train(str(path), str(coco["images"]), str(GDINO_SHAPES), str(tmp_path / "out"), 2, 2)
+    names = [model.cfg.id2label[k] for k in sorted(model.cfg.id2label)]
+    chunks = gdino.chunk_prompt(model.tokenizer, names, model.cfg.max_text_len)
+    assert len(chunks) > 1 and names[:2] == ["circle", "square"] and names[-1] == "triangle"
+    for t, chunk in enumerate(chunks):
+        kw = inputs(t)
+        phrases = gdino.split_phrases(chunk)
+        assert model.tokenizer.decode(kw["input_ids"][0].tolist(), skip_special_tokens=True) == chunk
+        for lab in kw["labels"]:
+            assert all(phrases[c] in ("circle.", "square.", "triangle.") for c in lab["class_labels"].tolist())
+    assert any(len(lab["class_labels"]) for t in range(len(chunks)) for lab in inputs(t)["labels"])
