@@ -69,13 +69,17 @@ def cached_checkpoint(tag: str, key: dict, build: Callable[[Path], None]) -> Pat
     folder = CACHE / f"{tag}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if (folder / ".done").is_file():
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # processes building the same folder (test_dispatch's
+    shutil.rmtree(tmp, ignore_errors=True)  # runs side by side) each build their own, and the first one done wins
     tmp.mkdir(parents=True)
     build(tmp)
     (tmp / ".done").write_text(blob)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if not (folder / ".done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # a build cut short
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process was done first
+        shutil.rmtree(tmp)
     return folder
 
 
