@@ -94,7 +94,7 @@ def check_cli_args(args: argparse.Namespace) -> None:
             raise InputError(f"cannot write {out}: folder {Path(out).resolve().parent} does not exist")
 
 
-def train_parser(description: str) -> argparse.ArgumentParser:
+def train_cli(description: str, train: Callable[..., dict], argv: list[str]) -> int:
     """`python dfine.py train ...` and `python gdino.py train ...`: fine-tune on a COCO dataset (section 9)."""
     ap = argparse.ArgumentParser(prog="train", description=description)
     ap.add_argument("--coco", required=True, help="the training images' COCO instances JSON")
@@ -109,17 +109,13 @@ def train_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, help="AdamW's peak learning rate (default: the original recipe's)")
     ap.add_argument("--seed", type=int, default=0, help="the order of the images, augmentations, new heads")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    return ap
-
-
-def train_args(ap: argparse.ArgumentParser, argv: list[str]) -> dict:
-    """The parsed options as the keyword arguments of the files' train(), checked before any work."""
     args = vars(ap.parse_args(argv))
-    if args["steps"] < 1 or args["batch"] < 1 or args["eval_every"] < 1:
+    if min(args["steps"], args["batch"], args["eval_every"]) < 1:
         raise InputError("--steps, --batch and --eval-every must be at least 1")
     if not Path(args["out"]).resolve().parent.is_dir():
         raise InputError(f"cannot write {args['out']}: folder {Path(args['out']).resolve().parent} does not exist")
-    return args
+    train(**args)
+    return 0
 
 
 def detection_rows(labels: Sequence[str], label_ids, scores, boxes) -> list[dict]:
@@ -740,9 +736,6 @@ def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
         raise InputError(f"{path} is not a readable COCO instances file ({type(e).__name__}: {e}); it needs 'images' "
                          f"(id, file_name, width, height), 'categories' (id, name), 'annotations'") from None
     cls, seen = {c["id"]: k for k, c in enumerate(cats)}, set()
-    for im in ims.values():
-        if not im["file"].is_file():
-            raise InputError(f"{path}: image {im['id']}'s file {im['file']} does not exist; check --images {folder}")
     for a in anns:
         where = f"{path}: annotation {a.get('id') if isinstance(a, dict) else a!r}"
         try:
@@ -761,6 +754,8 @@ def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
             warnings.warn(f"{where}: bbox {a['bbox']} reaches outside its {W}x{H} image; clipped to it")
         im["rows"].append([*box, cls[c], bool(a.get("iscrowd", 0))])
     for im in ims.values():
+        if not im["file"].is_file():
+            raise InputError(f"{path}: image {im['id']}'s file {im['file']} does not exist; check --images {folder}")
         rows = torch.tensor(im.pop("rows"), dtype=torch.float64).reshape(-1, 6)  # (n, 6): xyxy, class, crowd
         im.update(boxes=rows[:, :4].float(), classes=rows[:, 4].long(), crowd=rows[:, 5].bool())
     return CocoData(path, [c["name"] for c in cats], [c["id"] for c in cats], list(ims.values()), d)
@@ -881,6 +876,7 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
             groups.setdefault((name.startswith(backbone), free), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "lr": lr * (backbone_lr if bb else 1.0),
                               "weight_decay": 0.0 if free else weight_decay} for (bb, free), ps in groups.items()])
+    warmup = max(min(warmup, steps // 10), 1)  # at most a tenth of a short run
     ramp = lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
     rate = lambda n: ema_decay * (1 - math.exp(-float(n) / ema_warmups))  # noqa: E731

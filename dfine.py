@@ -1335,8 +1335,7 @@ DFine.export_onnx = export_onnx  # a method of the model, defined here to keep t
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        train(**common.train_args(common.train_parser("Fine-tune D-FINE on a COCO dataset."), argv[1:]))
-        return 0
+        return common.train_cli("Fine-tune D-FINE on a COCO dataset.", train, argv[1:])
     ap = common.cli_parser("D-FINE object detection (80 COCO or 366 Objects365 classes).",
                            "ustc-community/dfine-large-coco", 0.5)
     ap.add_argument("images", nargs="+", help="image files or http(s) URLs")

@@ -1729,8 +1729,7 @@ GroundingDino.export_onnx = export_onnx  # a method of the model, defined here t
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        train(**common.train_args(common.train_parser("Fine-tune Grounding DINO on a COCO dataset."), argv[1:]))
-        return 0
+        return common.train_cli("Fine-tune Grounding DINO on a COCO dataset.", train, argv[1:])
     ap = common.cli_parser("Open-set detection: boxes for the phrases of a text prompt.", DEFAULT_MODEL, 0.25)
     ap.add_argument("image", help="image path or URL")
     ap.add_argument("prompt", nargs="?", help="phrases ending in '.', e.g. \"a cat. a remote control.\" (default: a "
