@@ -61,6 +61,21 @@ def test_committed_notebook_has_outputs_of_trained_weights(name):
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: committed without its pictures"
 
 
+@pytest.mark.parametrize("name", sorted(ENV))
+def test_committed_notebook_teaches(name):
+    """A lesson's shape: a picture within the first four code cells (the result before the stages), a markdown cell
+    (what to see in it) right after at least 90% of the cells that draw, and no printed source (the code is in the
+    files, linked)."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    draws = [i for i in code if any("image/png" in o.get("data", {}) for o in nb.cells[i].outputs)]
+    assert draws and draws[0] in code[:4], f"{name}: no picture in its first four code cells"
+    said = [i for i in draws if i + 1 < len(nb.cells) and nb.cells[i + 1].cell_type == "markdown"]
+    assert len(said) >= 0.9 * len(draws), (f"{name}: pictures without a markdown cell after them (what to see): "
+                                           f"cells {sorted(set(draws) - set(said))}")
+    assert not [i for i in code if "getsource" in nb.cells[i].source], f"{name}: prints source code"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ENV))
 def test_notebook_runs(name, tmp_path, monkeypatch):
