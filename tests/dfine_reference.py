@@ -10,7 +10,7 @@ from conftest import cached_checkpoint, hub_config
 
 SIZES = ["n", "s", "m", "l", "x"]
 TENSORS = {"n": 644, "s": 764, "m": 1009, "l": 1197, "x": 1465}  # per size, as in the Hub files
-BUILDER_VERSION = 1  # bump when the way weights are made changes
+BUILDER_VERSION = 2  # bump when the way weights are made changes
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> None:
@@ -28,6 +28,12 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
                 t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=g))
             else:
                 t.add_(0.05 * torch.randn(t.shape, generator=g))
+        # The encoder's padding tokens (zeros after the valid mask) become LayerNorm(bias) in enc_output, and the
+        # valid ones LayerNorm(bias + a small W x): with a noisy bias both look alike and, at random, the padding
+        # ring can win the whole top-300 (it did for S and M), which leaves 300 identical queries and a decoder
+        # test that proves nothing. A zero bias sends padding to the LayerNorm's shift alone and keeps the valid
+        # tokens' own directions; test_parity_stage_by_stage checks the queries come from the image.
+        model.model.enc_output[0].bias.zero_()
 
 
 def hf_model(folder: Path):

@@ -113,6 +113,9 @@ def test_parity_stage_by_stage(pair):
         # the selected queries: transformers does not return the indices, but they follow from its scores
         hf_topk = theirs.enc_outputs_class.max(-1).values.topk(ours.cfg.num_queries, dim=1).indices
         assert torch.equal(s["topk_indices"], hf_topk), f"{size} {case}: top-k queries differ"
+        valid = s["valid_mask"][0, :, 0].bool()[s["topk_indices"]]  # (B, Q): the selected tokens inside the image
+        assert valid.float().mean() > 0.9 and s["target"].std(1).mean() > 1e-3, \
+            f"{size} {case}: the queries come from the padding ring, not the image: the weights test nothing"
         worst = max([worst] + [assert_close(f"{size} {case} {name}", a, b) for name, a, b in pairs])
     print(f"\n{size}: largest max abs diff over every stage, input and batch: {worst}")
 
