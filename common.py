@@ -735,6 +735,8 @@ def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path} is not a readable COCO instances file ({type(e).__name__}: {e}); it needs 'images' "
                          f"(id, file_name, width, height), 'categories' (id, name), 'annotations'") from None
+    if not cats or not ims:
+        raise InputError(f"{path} has no {'categories' if not cats else 'images'}; a model needs both to train on")
     cls, seen = {c["id"]: k for k, c in enumerate(cats)}, set()
     for a in anns:
         where = f"{path}: annotation {a.get('id') if isinstance(a, dict) else a!r}"

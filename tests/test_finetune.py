@@ -73,6 +73,8 @@ BAD = [  # (what is wrong, the edit, what the error must say)
     ("unknown image", lambda d: d["annotations"][0].update(image_id=12345), "annotation 1: .*image_id 12345"),
     ("no bbox", lambda d: d["annotations"][0].pop("bbox"), "annotation 1 needs"),
     ("no categories", lambda d: d.pop("categories"), "not a readable COCO"),
+    ("empty categories", lambda d: d.update(categories=[], annotations=[]), "has no categories"),
+    ("no images", lambda d: d.update(images=[], annotations=[]), "has no images"),
 ]
 
 
