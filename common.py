@@ -866,7 +866,8 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
     cosine decay; gradients clipped to norm `clip`; an EMA of the weights (D-FINE's: decay ema_decay * (1 -
     exp(-updates / ema_warmups))). Every eval_every steps and at the end: evaluate(EMA model) -> {"map50", "map"},
     and `out` gets the EMA weights when best (without evaluate: the last) as a from_pretrained folder, and out/last
-    the state that resume=True continues from, bit for bit. Returns the history (losses, mAPs, seconds)."""
+    the state that resume=True continues from, bit for bit. Returns the history: losses (the total, and each term of
+    the output's loss_dict under "terms"), mAPs, seconds."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
@@ -885,7 +886,7 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
     ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True, avg_fn=lambda avg, new, n: (
         avg * rate(n) + new * (1 - rate(n)) if avg.is_floating_point() else avg))
     ema.update_parameters(model)  # the first update copies the model; updates = 1 from here, as the original's
-    hist = {"step": [], "loss": [], "eval_step": [], "map50": [], "map": [], "seconds": 0.0, "best": -1.0}
+    hist = {"step": [], "loss": [], "terms": {}, "eval_step": [], "map50": [], "map": [], "seconds": 0.0, "best": -1.0}
     last = Path(out or ".") / "last"
     if resume:
         if not out or not (last / "state.json").is_file():
@@ -898,18 +899,21 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
     model.train()
     for t in bar:
         start = time.perf_counter()
-        loss = model(**batch(t)).loss
+        result = model(**batch(t))
+        loss = result.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step(), schedule.step(), ema.update_parameters(model)
         hist["step"].append(t + 1), hist["loss"].append(loss.item())
+        for name, term in (getattr(result, "loss_dict", None) or {}).items():  # each weighted term, for its own curve
+            hist["terms"].setdefault(name, []).append(term.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (t + 1) % eval_every == 0 or t + 1 == steps:
             if evaluate:
                 m = evaluate(ema.module)
                 hist["eval_step"].append(t + 1), hist["map50"].append(m["map50"]), hist["map"].append(m["map"])
-                log(f"step {t + 1}/{steps}  loss {np.mean(hist['loss'][-eval_every:]):.3f}  EMA mAP@0.5 "
+                log(f"step {t + 1}/{steps}  loss {np.mean(hist['loss'][-25:]):.3f} (last 25)  EMA mAP@0.5 "
                     f"{m['map50']:.3f}  mAP {m['map']:.3f}")
             if out and (not evaluate or hist["map"][-1] > hist["best"]):
                 hist["best"] = hist["map"][-1] if evaluate else -1.0

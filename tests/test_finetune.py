@@ -125,6 +125,9 @@ def test_dfine_fine_tunes_and_keeps_the_dataset_ids(coco, tmp_path):
     hist = dfine.train(str(coco["train"]), str(coco["images"]), str(DFINE_SHAPES), str(out), steps=2, batch=2,
                        val=str(coco["val"]), val_images=str(coco["val_images"]), eval_every=1)
     assert hist["eval_step"] == [1, 2] and all(0 <= m <= 1 for m in hist["map50"])
+    assert {"loss_vfl", "loss_fgl", "loss_ddf_aux_0", "loss_vfl_dn_0"} <= set(hist["terms"])  # each term's curve
+    for t in range(2):  # D-FINE's terms are weighted: they add up to the loss trained on
+        assert sum(v[t] for v in hist["terms"].values()) == pytest.approx(hist["loss"][t], rel=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["id2label"] == {"0": "circle", "1": "square", "2": "triangle"}
     assert cfg["label2id"] == {"circle": 0, "square": 1, "triangle": 2} and cfg[common.COCO_IDS_KEY] == [7, 42, 1000]
