@@ -705,11 +705,10 @@ class OnnxModel:
 # -----------------------------------------------------------------------------
 # 9. Training on your data: a COCO file, augmentations, and the loop both models train with
 #
-# Classes are the file's categories sorted by id: class k is the k-th, whatever the ids (7, 42, 1000 -> 0, 1, 2);
-# a fine-tuned model saves the names as config.json's id2label and the ids under COCO_IDS_KEY, so detections can be
-# written back in the dataset's ids. Crowd boxes are left out of the training targets (as DETR does) and kept for
-# evaluation, where pycocotools treats them as COCO does. Augmentations come from torchvision.transforms.v2 (a
-# training-only dependency, imported here only). A batch is a function of (seed, step): a resumed run repeats it.
+# Classes are the file's categories sorted by id (ids 7, 42, 1000 -> classes 0, 1, 2); a fine-tuned model keeps the
+# names as config.json's id2label and the ids under COCO_IDS_KEY. Crowd boxes stay out of the training targets (as
+# in DETR) and in the evaluation (pycocotools treats them as COCO does). Augmentations: torchvision.transforms.v2, a
+# training-only dependency imported here only. A batch is a function of (seed, step), so a resumed run repeats it.
 
 COCO_IDS_KEY = "coco_category_ids"  # config.json: the dataset's category id of each class, in class order
 
@@ -724,14 +723,14 @@ class CocoData:
 
 
 def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
-    """A COCO instances file and its images folder -> CocoData; an InputError naming the file and the entry for
-    what cannot be right, a warning for a box partly outside its image (clipped)."""
+    """A COCO instances file and its images folder -> CocoData. What cannot be right stops with an InputError naming
+    the file and the entry; a box partly outside its image is clipped, with a warning."""
     path, folder = Path(json_path), Path(images)
     try:
         d = json.loads(path.read_text())
         cats, anns = sorted(d["categories"], key=lambda c: c["id"]), d.get("annotations", [])
-        ims = {im["id"]: {"id": im["id"], "file": folder / im["file_name"], "size": (im["width"], im["height"]),
-                          "rows": []} for im in d["images"]}
+        ims = {i["id"]: {"id": i["id"], "file": folder / i["file_name"], "size": (i["width"], i["height"]), "rows": []}
+               for i in d["images"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path} is not a readable COCO instances file ({type(e).__name__}: {e}); it needs 'images' "
                          f"(id, file_name, width, height), 'categories' (id, name), 'annotations'") from None
@@ -748,8 +747,7 @@ def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
             raise InputError(f"{where}: the id is used twice" if a["id"] in seen else f"{where}: category_id {c} or "
                              f"image_id {a['image_id']} is not among the file's categories {sorted(cls)} or images")
         seen.add(a["id"])
-        W, H = im["size"]
-        box = [max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)]
+        (W, H), box = im["size"], [max(x, 0), max(y, 0), min(x + w, im["size"][0]), min(y + h, im["size"][1])]
         if w <= 0 or h <= 0 or box[2] <= box[0] or box[3] <= box[1]:
             raise InputError(f"{where}: bbox {a['bbox']} has no area inside its {W}x{H} image (x, y, width, height)")
         if box != [x, y, x + w, y + h]:
@@ -765,18 +763,18 @@ def read_coco(json_path: str | Path, images: str | Path) -> CocoData:
 
 def coco_transforms(recipe: str, size: tuple[int, ...], augment: bool):
     """Per-image augmentations. "dfine": the original D-FINE's (photometric distortion, zoom-out, IoU crop with
-    p=0.8, flip, resize to the model's (H, W) `size`; flip and resize only once `augment` is off). "gdino":
-    mmdetection's Grounding DINO fine-tuning (flip; half the time a resize of the short edge to 400, 500 or 600 and a
-    crop of sides drawn in [384, 600]), scaled from mmdet's short edge 800 to the model's, size[0]; the final resize
-    is the preprocessing's, at a scale drawn per batch."""
+    p=0.8, flip, resize to the model's (H, W) `size`; flip and resize only once `augment` is off). "gdino": mmdet's
+    Grounding DINO fine-tuning (flip; half the time the short edge resized to 400-600, then a crop of sides drawn in
+    [384, 600]), scaled from mmdet's short edge 800 to size[0]; preprocessing resizes to the batch's scale after."""
+    from torchvision import tv_tensors
     from torchvision.transforms import v2 as T
 
     class RangeCrop(T.Transform):  # mmdet's RandomCrop(crop_type="absolute_range"): each side drawn, then a place
         def make_params(self, flat_inputs):
-            H, W = T.functional.get_size(next(x for x in flat_inputs if isinstance(x, torch.Tensor) and x.ndim == 3))
+            H, W = T.functional.get_size(next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)))
             h, w = (int(torch.randint(min(lo, n), min(hi, n) + 1, ())) for n in (H, W))
-            return {"top": int(torch.randint(H - h + 1, ())), "left": int(torch.randint(W - w + 1, ())),
-                    "height": h, "width": w}
+            y, x = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))
+            return dict(top=y, left=x, height=h, width=w)
 
         def transform(self, inpt, params):
             return T.functional.crop(inpt, **params)
@@ -793,25 +791,21 @@ def coco_transforms(recipe: str, size: tuple[int, ...], augment: bool):
 
 
 def coco_batch(data: CocoData, t: int, batch: int, seed: int, transforms, scales: Sequence = ()) -> tuple[list, object]:
-    """Step t's images (each epoch in a fresh seeded order), crowd boxes dropped, augmented -> per image {"image"
-    uint8 (3, H, W), "boxes" (n, 4) xyxy pixels of it, "classes" (n,)}, and one of `scales` for the whole batch (the
-    original D-FINE's multi-scale collate; None without). Draws from a torch RNG seeded by (seed, t), so the
-    model's own draws (denoising groups, dropout) stay as they would be without augmentation."""
+    """Step t's images (each epoch a fresh seeded order), crowd boxes dropped, augmented -> per image {"image" uint8
+    (3, H, W), "boxes" (n, 4) xyxy pixels, "classes" (n,)}, and one of `scales` for the batch (D-FINE's multi-scale
+    collate; None without). Its own seeded RNG: the model's draws (denoising, dropout) do not depend on it."""
     from torchvision import tv_tensors
 
     out, n = [], len(data.images)
     with torch.random.fork_rng():
         torch.manual_seed(seed * 1_000_003 + t)
         for j in range(t * batch, (t + 1) * batch):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 - 1 - j // n))
-            im = data.images[int(order[j % n])]
+            im = data.images[int(torch.randperm(n, generator=torch.Generator().manual_seed(seed - 1 - j // n))[j % n])]
             pic = torch.from_numpy(np.array(load_image(im["file"]))).permute(2, 0, 1)  # (3, H, W) uint8
             if pic.shape[1:] != im["size"][::-1]:
-                raise InputError(f"{data.path}: image {im['id']} ({im['file']}) is {pic.shape[2]}x{pic.shape[1]}, "
-                                 f"the file says {im['size'][0]}x{im['size'][1]}")
-            keep = ~im["crowd"]
-            boxes = tv_tensors.BoundingBoxes(im["boxes"][keep], format="XYXY", canvas_size=pic.shape[1:])
-            pic, target = transforms(tv_tensors.Image(pic), {"boxes": boxes, "labels": im["classes"][keep]})
+                raise InputError(f"{data.path}: image {im['id']} is {pic.shape[2]}x{pic.shape[1]}, not {im['size']}")
+            boxes = tv_tensors.BoundingBoxes(im["boxes"][~im["crowd"]], format="XYXY", canvas_size=pic.shape[1:])
+            pic, target = transforms(tv_tensors.Image(pic), {"boxes": boxes, "labels": im["classes"][~im["crowd"]]})
             H, W = pic.shape[1:]
             xyxy = target["boxes"].as_subclass(torch.Tensor).clamp(min=0).minimum(torch.tensor([W, H, W, H]))
             out.append({"image": pic.as_subclass(torch.Tensor), "boxes": xyxy, "classes": target["labels"]})
@@ -820,13 +814,12 @@ def coco_batch(data: CocoData, t: int, batch: int, seed: int, transforms, scales
 
 def coco_eval(data: CocoData, detections: list[dict]) -> dict:
     """Per image of `data` its detections {"boxes" xyxy pixels, "scores", "labels" classes} -> pycocotools' box mAP
-    {"map": AP@[.5:.95], "map50", "map75"}, in the file's category ids, crowd boxes as COCO treats them."""
+    {"map": AP@[.5:.95], "map50", "map75"} in the file's category ids."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     dt = [{"image_id": im["id"], "category_id": data.category_ids[int(c)], "score": float(s),
-           "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-          for im, d in zip(data.images, detections)
+           "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]} for im, d in zip(data.images, detections)
           for b, s, c in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist())]
     if not dt:
         return {"map": 0.0, "map50": 0.0, "map75": 0.0}
@@ -839,43 +832,26 @@ def coco_eval(data: CocoData, detections: list[dict]) -> dict:
     return {"map": float(ev.stats[0]), "map50": float(ev.stats[1]), "map75": float(ev.stats[2])}
 
 
-def _split(x, key: str, tensors: dict):
-    """Nested dicts and lists -> the same with every tensor moved into tensors[key] (safetensors), the rest JSON."""
-    if isinstance(x, torch.Tensor):
-        tensors[key] = x.detach().contiguous()
-        return {"tensor": key}
-    if isinstance(x, (list, tuple)):
-        return [_split(v, f"{key}.{i}".lstrip("."), tensors) for i, v in enumerate(x)]
-    return {k: _split(v, f"{key}.{k}".lstrip("."), tensors) for k, v in x.items()} if isinstance(x, dict) else x
-
-
-def _join(x, tensors: dict):  # _split's inverse; all-digit keys were ints (the optimizer's parameter indices)
-    if isinstance(x, dict):
-        return tensors[x["tensor"]] if set(x) == {"tensor"} else {
-            int(k) if k.isdigit() else k: _join(v, tensors) for k, v in x.items()}
-    return [_join(v, tensors) for v in x] if isinstance(x, list) else x
-
-
 def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: str | Path | None = None,
         evaluate: Callable[[torch.nn.Module], dict] | None = None, eval_every: int = 500, lr: float = 1e-4,
         backbone: tuple[str, ...] = ("backbone.",), backbone_lr: float = 0.1, weight_decay: float = 1e-4,
         warmup: int = 100, clip: float = 0.1, ema_decay: float = 0.9999, ema_warmups: int = 2000,
         resume: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Train with the model's own loss (forward(**batch(t)).loss) as both originals do: AdamW, parameters whose names
-    start with `backbone` at lr * backbone_lr, no weight decay on norms, biases and embeddings; a linear warm-up then a
-    cosine decay; gradients clipped to norm `clip`; an EMA of the weights (D-FINE's: decay ema_decay * (1 -
-    exp(-updates / ema_warmups))). Every eval_every steps and at the end: evaluate(EMA model) -> {"map50", "map"},
-    and `out` gets the EMA weights when best (without evaluate: the last) as a from_pretrained folder, and out/last
-    the state that resume=True continues from, bit for bit. Returns the history: losses (the total, and each term of
-    the output's loss_dict under "terms"), mAPs, seconds."""
+    """Train with the model's own loss (forward(**batch(t)).loss) as both originals do: AdamW, names starting with
+    `backbone` at lr * backbone_lr, no weight decay on norms, biases and embeddings; linear warm-up, cosine decay;
+    gradients clipped to `clip`; an EMA of the weights (D-FINE's: decay ema_decay * (1 - exp(-updates / ema_warmups))).
+    Every eval_every steps and at the end: evaluate(EMA model) -> {"map50", "map"}; `out` gets the EMA weights when
+    best (without evaluate: the last) as a from_pretrained folder, out/last the state resume=True continues from, bit
+    for bit (safetensors + JSON). Returns the history: losses (the total, and each term of the output's loss_dict
+    under "terms"), mAPs, seconds."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
-    flat = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    groups: dict[tuple[bool, bool], list] = {}
+    groups: dict[tuple[bool, bool], list] = {}  # (in the backbone, free of weight decay) -> parameters
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
-        if p.requires_grad:  # the key: (in the backbone, free of weight decay)
-            free = p.ndim <= 1 or id(p) in flat or name.endswith(("position_bias_table", "level_embed"))
+        if p.requires_grad:
+            free = p.ndim <= 1 or id(p) in embeddings or name.endswith(("position_bias_table", "level_embed"))
             groups.setdefault((name.startswith(backbone), free), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "lr": lr * (backbone_lr if bb else 1.0),
                               "weight_decay": 0.0 if free else weight_decay} for (bb, free), ps in groups.items()])
@@ -887,14 +863,17 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
         avg * rate(n) + new * (1 - rate(n)) if avg.is_floating_point() else avg))
     ema.update_parameters(model)  # the first update copies the model; updates = 1 from here, as the original's
     hist = {"step": [], "loss": [], "terms": {}, "eval_step": [], "map50": [], "map": [], "seconds": 0.0, "best": -1.0}
-    last = Path(out or ".") / "last"
+    last, parts = Path(out or ".") / "last", {"model": model, "ema": ema, "opt": opt, "schedule": schedule}
     if resume:
         if not out or not (last / "state.json").is_file():
             raise InputError(f"nothing to resume: {last / 'state.json'} does not exist; train without resume first")
-        s = _join(json.loads((last / "state.json").read_text()), load_file(last / "state.safetensors"))
-        model.load_state_dict(s["model"]), ema.load_state_dict(s["ema"]), opt.load_state_dict(s["opt"])
-        schedule.load_state_dict(s["schedule"]), torch.set_rng_state(s["rng"])
-        hist = s["history"]
+        meta, tensors = json.loads((last / "state.json").read_text()), load_file(last / "state.safetensors")
+        meta["opt"]["state"] = {int(i): {k: tensors[f"opt.{i}.{k}"] for k in names}
+                                for i, names in meta["opt"]["state"].items()}
+        for k, part in parts.items():
+            part.load_state_dict(meta[k] if k in meta else {n.split(".", 1)[1]: v for n, v in tensors.items()
+                                                            if n.startswith(k + ".")})
+        torch.set_rng_state(tensors["rng"]), hist.update(meta["history"])
     log, bar = log or tqdm.write, tqdm(range(len(hist["step"]), steps), initial=len(hist["step"]), total=steps)
     model.train()
     for t in bar:
@@ -905,26 +884,28 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step(), schedule.step(), ema.update_parameters(model)
-        hist["step"].append(t + 1), hist["loss"].append(loss.item())
+        hist["step"].append(t + 1), hist["loss"].append(loss.item()), bar.set_postfix(loss=f"{loss.item():.3f}")
         for name, term in (getattr(result, "loss_dict", None) or {}).items():  # each weighted term, for its own curve
             hist["terms"].setdefault(name, []).append(term.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (t + 1) % eval_every == 0 or t + 1 == steps:
-            if evaluate:
-                m = evaluate(ema.module)
-                hist["eval_step"].append(t + 1), hist["map50"].append(m["map50"]), hist["map"].append(m["map"])
-                log(f"step {t + 1}/{steps}  loss {np.mean(hist['loss'][-25:]):.3f} (last 25)  EMA mAP@0.5 "
-                    f"{m['map50']:.3f}  mAP {m['map']:.3f}")
-            if out and (not evaluate or hist["map"][-1] > hist["best"]):
-                hist["best"] = hist["map"][-1] if evaluate else -1.0
-                ema.module.save_pretrained(out)
+        done = (t + 1) % eval_every == 0 or t + 1 == steps
+        if done and evaluate:
+            m = evaluate(ema.module)
+            hist["eval_step"].append(t + 1), hist["map50"].append(m["map50"]), hist["map"].append(m["map"])
+            log(f"step {t + 1}/{steps}  loss {np.mean(hist['loss'][-25:]):.3f} (last 25)  EMA mAP@0.5 "
+                f"{m['map50']:.3f}  mAP {m['map']:.3f}")
+        if done and out and (not evaluate or hist["map"][-1] > hist["best"]):
+            hist["best"] = hist["map"][-1] if evaluate else -1.0
+            ema.module.save_pretrained(out)
         hist["seconds"] += time.perf_counter() - start
-        if out and ((t + 1) % eval_every == 0 or t + 1 == steps):
-            state, tensors = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                              "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "history": hist}, {}
+        if done and out:  # the state to resume from: the tensors in safetensors, the rest (and their names) in JSON
+            state = {k: part.state_dict() for k, part in parts.items()}
+            tensors = {f"{k}.{n}": v for k in ("model", "ema") for n, v in state[k].items()}
+            tensors.update({f"opt.{i}.{k}": v for i, s in state["opt"]["state"].items() for k, v in s.items()})
+            state["opt"]["state"] = {i: list(s) for i, s in state["opt"]["state"].items()}
             last.mkdir(parents=True, exist_ok=True)
-            (last / "state.json").write_text(json.dumps(_split(state, "", tensors)))
-            save_file(tensors, str(last / "state.safetensors"))
+            save_file({**tensors, "rng": torch.get_rng_state()}, str(last / "state.safetensors"))
+            (last / "state.json").write_text(json.dumps({"opt": state["opt"], "schedule": state["schedule"],
+                                                         "history": hist}))
     return hist
 
 
