@@ -4,10 +4,9 @@ Paper: "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution R
 Mirrors transformers 5.23 `DFineForObjectDetection` (modeling_d_fine.py, modeling_hgnet_v2.py) and its PIL RT-DETR
 image processor, bit for bit in fp32 on CPU, and loads the Hub checkpoints as they are:
 `ustc-community/dfine-{nano,small,medium,large,xlarge}-coco`, `dfine-{small,medium,large,xlarge}-obj365` (366
-classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Training (section 9) computes the
-original D-FINE's loss terms (transformers pairs the layers' outputs one apart; tests/test_dfine_train.py rebuilds
-its pairing from ours and gets its loss and gradients). Left out: dropout (0 in every config), the unused
-"discrete" sampling method, and wide layers after eval_idx (no checkpoint has them).
+classes), `dfine-{small,medium,xlarge}-obj2coco`, `dfine-large-obj2coco-e25`. Training (section 9): the original
+D-FINE's loss terms. Left out: dropout (0 in every config), the unused "discrete" sampling method, and wide layers
+after eval_idx (no checkpoint has them).
 
 Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers):
   1. config            config.json -> a flat dataclass
@@ -16,10 +15,10 @@ Stages (the numbered sections below; notebooks/dfine.ipynb uses the same numbers
   4. hybrid encoder    input projections, AIFI (one transformer layer on the coarsest map), CCFF (FPN + PAN)
   5. query selection   anchors, then (DFine.select_queries, in 7) encoder head and top-300 proposals
   6. decoder           self-attention, deformable cross-attention, gate; FDR edge distributions; LQE
-  7. the model         forward as a short list of the stages above; detect; from_pretrained
-  8. post-processing   sigmoid scores, top-300 over query x class, threshold, boxes to pixels
+  7. the model         forward as a short list of the stages above
+  8. detection         detect: images in; sigmoid scores, top-300 over query x class, threshold, boxes in pixels out
   9. training          denoising queries, Hungarian matching, VFL, L1, GIoU, FGL, DDF; initial weights
- 10. the key map       Hub key names (4.x and 5.x) -> this file's module names; save_pretrained, its inverse
+ 10. loading, saving   one key table (Hub names <-> ours) read both ways; from_pretrained, save_pretrained
  11. fast inference    an option: batch norms folded into the convs, not bit-exact (off by default)
  12. ONNX export       model.export_onnx(path): dynamic batch and size (multiples of 32), readable attention
  13. command line
@@ -48,16 +47,10 @@ from common import InputError, center_to_corners, inverse_sigmoid
 ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}  # gelu is the exact erf form, as transformers
 
 
-@functools.lru_cache(maxsize=16)
-def once(fn, *args):
-    """fn(*args), computed once per distinct args (input size, dtype, device) and kept: the position embeddings and
-    anchors depend on the input size only. Made outside autograd and inference mode, so either may use them."""
-    with torch.inference_mode(False), torch.no_grad():
-        return fn(*args)
-
-
 # -----------------------------------------------------------------------------
 # 1. Config
+
+STAGE_NAMES = ["stem", "stage1", "stage2", "stage3", "stage4"]  # the backbone's out_features, out_indices 0..4
 
 
 @dataclass
@@ -142,8 +135,7 @@ class DFineConfig:
         if isinstance(c.decoder_n_points, int):
             c.decoder_n_points = [c.decoder_n_points] * c.num_feature_levels
         if "out_indices" not in cfg.get("backbone_config", {}) and "out_features" in cfg.get("backbone_config", {}):
-            names = ["stem", "stage1", "stage2", "stage3", "stage4"]
-            c.out_indices = [names.index(n) for n in cfg["backbone_config"]["out_features"]]
+            c.out_indices = [STAGE_NAMES.index(n) for n in cfg["backbone_config"]["out_features"]]
         # What no Hub checkpoint uses, refused rather than silently computed another way:
         unsupported = {"normalize_before": False, "learn_initial_query": False, "decoder_method": "default",
                        "layer_scale": 1.0}
@@ -184,11 +176,8 @@ def preprocess(images: list[Image.Image], size: tuple[int, int] = INPUT_SIZE) ->
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics, written as transformers writes it: scale and shift, eps 1e-5.
-
-    F.batch_norm computes the same function with other rounding; before the top-k that is enough to reorder
-    near-tied queries, so the formula is kept exactly.
-    """
+    """Batch norm with fixed statistics as transformers writes it (scale and shift, eps 1e-5): F.batch_norm rounds
+    otherwise, which before the top-k is enough to reorder near-tied queries."""
 
     eps = 1e-5
 
@@ -208,8 +197,7 @@ class LearnableAffineBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
-        self.bias = nn.Parameter(torch.zeros(1))
+        self.scale, self.bias = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
         return self.scale * x + self.bias
@@ -227,8 +215,7 @@ class ConvLayer(nn.Module):
 
     def forward(self, x):
         x = self.normalization(self.convolution(x))
-        if self.act is not None:
-            x = self.act(x)
+        x = self.act(x) if self.act is not None else x
         return self.lab(x) if self.lab is not None else x
 
 
@@ -249,8 +236,7 @@ class Embedder(nn.Module):
 
     def __init__(self, cfg: DFineConfig):
         super().__init__()
-        c0, c1, c2 = cfg.stem_channels
-        s = cfg.stem_strides
+        (c0, c1, c2), s = cfg.stem_channels, cfg.stem_strides
         self.stem1 = ConvLayer(cfg, c0, c1, 3, s[0])
         self.stem2a = ConvLayer(cfg, c1, c1 // 2, 2, s[1])  # 2x2 kernel: padding 0, hence the F.pad below
         self.stem2b = ConvLayer(cfg, c1 // 2, c1, 2, s[2])
@@ -279,7 +265,7 @@ class HGBlock(nn.Module):
         self.layers = nn.ModuleList(
             LightConvLayer(cfg, cin if i == 0 else mid, mid, k) if light
             else ConvLayer(cfg, cin if i == 0 else mid, mid, k) for i in range(n_layers))
-        total = cin + n_layers * mid
+        total = cin + n_layers * mid  # every layer's output and the input, concatenated
         self.aggregation = nn.Sequential(ConvLayer(cfg, total, cout // 2, 1), ConvLayer(cfg, cout // 2, cout, 1))
         self.residual = residual
 
@@ -357,17 +343,28 @@ def input_proj(cin: int, cout: int, eps: float = 1e-5) -> nn.Sequential:
 
 
 def sincos_2d(h: int, w: int, dim: int, temperature: float, device=None) -> torch.Tensor:
-    """(1, H*W, dim) fixed 2-D position embedding: [sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)].
-
-    Built in float64 and cast, as transformers 5.23. (The original D-FINE and transformers 4.x use float32 and a
-    transposed grid, which on non-square maps swaps the roles of x and y.)
-    """
+    """(1, H*W, dim) fixed 2-D position embedding [sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)], built in float64
+    and cast, as transformers 5.23 (the original and transformers 4.x: float32, a grid swapping x and y if H != W)."""
     f64 = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # mps has no float64
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=f64, device=device) / (dim // 4))  # (dim/4,)
     gy, gx = torch.meshgrid(torch.arange(h, dtype=f64, device=device), torch.arange(w, dtype=f64, device=device),
                             indexing="ij")  # (H, W) each
     ey, ex = gy.flatten().outer(omega), gx.flatten().outer(omega)  # (H*W, dim/4) each; token k = y*W + x
     return torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], dim=1).float()[None]  # (1, H*W, dim)
+
+
+@functools.lru_cache(maxsize=16)
+def once(fn, *args):
+    """fn(*args), computed once per distinct args (input size, dtype, device) and kept: the position embeddings and
+    anchors depend on the input size only. Made outside autograd and inference mode, so either may use them."""
+    with torch.inference_mode(False), torch.no_grad():
+        return fn(*args)
+
+
+def per_size(fn, *args):
+    """fn(*args) from the cache (once); in a graph being traced for export computed afresh, from the traced input's
+    size, and never kept (the cache would hold the tracer's tensors)."""
+    return fn(*args) if torch.jit.is_tracing() or torch.compiler.is_exporting() else once(fn, *args)
 
 
 class SelfAttention(nn.Module):
@@ -378,15 +375,14 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x, pos, mask=None):  # x, pos (B, N, d); mask (N, N) added to the scores (denoising only)
-        B, N, d = x.shape
+    def forward(self, x, pos, mask=None):  # x, pos (B, n, d); mask (n, n) added to the scores (denoising only)
+        B, n, d = x.shape
         qk = x + pos
-        q = self.q_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
-        k = self.k_proj(qk).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
-        v = self.v_proj(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nH, N, hD)
+        q, k, v = (p(t).view(B, n, self.heads, -1).transpose(1, 2)  # (B, nH, n, hD) each
+                   for p, t in ((self.q_proj, qk), (self.k_proj, qk), (self.v_proj, x)))
         # the same SDPA call transformers makes by default: its kernel's rounding is part of the reference
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=(d // self.heads) ** -0.5)  # (B,nH,N,hD)
-        return self.out_proj(a.transpose(1, 2).reshape(B, N, d))  # (B, N, d)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=(d // self.heads) ** -0.5)  # (B,nH,n,hD)
+        return self.out_proj(a.transpose(1, 2).reshape(B, n, d))  # (B, n, d)
 
 
 class AIFILayer(nn.Module):
@@ -411,6 +407,11 @@ class AIFI(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(AIFILayer(cfg) for _ in range(cfg.encoder_layers))
+
+    def forward(self, x, pos):  # (B, H*W, C), pos (1, H*W, C)
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
 
 
 class RepVggBlock(nn.Module):
@@ -446,8 +447,8 @@ class RepNCSPELAN4(nn.Module):
     def __init__(self, cfg: DFineConfig):
         super().__init__()
         C = cfg.encoder_hidden_dim
-        c4 = round(cfg.hidden_expansion * C // 2)  # N: round(43.52 // 2) = 21
-        nb = round(3 * cfg.depth_mult)  # Python's round half to even: N 1.5 -> 2, S 1.02 -> 1
+        c4 = round(cfg.hidden_expansion * C // 2)  # n: round(43.52 // 2) = 21
+        nb = round(3 * cfg.depth_mult)  # Python's round half to even: n 1.5 -> 2, s 1.02 -> 1
         self.conv1 = ConvNorm(cfg, 2 * C, 2 * C, 1, act="silu")  # silu hard-coded here, as upstream
         self.csp_rep1 = CSPRepLayer(cfg, C, c4, nb)
         self.conv2 = ConvNorm(cfg, c4, c4, 3, act="silu")
@@ -487,12 +488,11 @@ class HybridEncoder(nn.Module):
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:  # L x (B, C, H_l, W_l)
         maps = list(maps)
-        for aifi, lvl in zip(self.aifi, self.cfg.encode_proj_layers):  # AIFI: only the coarsest map (N: 20x20)
+        for aifi, lvl in zip(self.aifi, self.cfg.encode_proj_layers):  # AIFI: only the coarsest map (n: 20x20)
             B, C, H, W = maps[lvl].shape
             x = maps[lvl].flatten(2).transpose(1, 2)  # (B, H*W, C), row-major tokens
-            pos = once(sincos_2d, H, W, C, self.cfg.positional_encoding_temperature, x.device).to(x.dtype)  # (1,HW,C)
-            for layer in aifi.layers:
-                x = layer(x, pos)
+            pos = per_size(sincos_2d, H, W, C, self.cfg.positional_encoding_temperature, x.device)  # (1, H*W, C)
+            x = aifi(x, pos.to(x.dtype))  # (B, H*W, C)
             maps[lvl] = x.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, C, H, W)
         n = len(maps) - 1
         fpn = [maps[-1]]  # top-down: coarse to fine
@@ -528,10 +528,8 @@ class MLP(nn.Module):
 
 
 def make_anchors(spatial_shapes: list[tuple[int, int]], dtype=torch.float32, device=None):
-    """One anchor box per token, in logit space: centre of its cell, size 0.05 * 2^level; edge tokens invalid.
-    gdino.encoder_proposals builds the same anchors its own way (it masks padding), on purpose.
-
-    Returns anchors (1, S, 4) and the valid mask (1, S, 1)."""
+    """One anchor box per token in logit space (1, S, 4), centre of its cell, size 0.05 * 2^level, and the valid mask
+    (1, S, 1): edge tokens invalid. gdino.encoder_proposals builds the same its own way (it masks padding)."""
     anchors = []
     for lvl, (h, w) in enumerate(spatial_shapes):
         gy, gx = torch.meshgrid(torch.arange(h, device=device).to(dtype), torch.arange(w, device=device).to(dtype),
@@ -556,8 +554,7 @@ class DeformableAttention(nn.Module):
     def __init__(self, cfg: DFineConfig):
         super().__init__()
         self.heads, self.points = cfg.decoder_attention_heads, list(cfg.decoder_n_points)
-        P = sum(self.points)
-        self.offset_scale = cfg.decoder_offset_scale
+        P, self.offset_scale = sum(self.points), cfg.decoder_offset_scale
         self.sampling_offsets = nn.Linear(cfg.d_model, self.heads * P * 2)
         self.attention_weights = nn.Linear(cfg.d_model, self.heads * P)
         scale = torch.cat([torch.full((n,), 1.0 / n) for n in self.points])  # (P,): 1/n_l, level-major
@@ -627,11 +624,8 @@ class LQE(nn.Module):
 
 
 def weighting_function(n_bins: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
-    """W(n), the N+1 bin edges of the edge-offset distributions (paper Eq. 4): dense near 0, +-2*up*c at the ends.
-
-    Computed with float32 tensor ops on the checkpoint's own `up` and `reg_scale`, as transformers (Python floats
-    would round the edges differently).
-    """
+    """W(n), the N+1 bin edges of the edge-offset distributions (paper Eq. 4): dense near 0, +-2*up*c at the ends;
+    float32 tensor ops on the checkpoint's own `up` and `reg_scale`, as transformers (Python floats round otherwise)."""
     ub1 = abs(up[0]) * abs(reg_scale)
     ub2 = ub1 * 2
     step = (ub1 + 1) ** (2 / (n_bins - 2))
@@ -671,13 +665,12 @@ class Decoder(nn.Module):
         # a class head and an LQE per layer: every layer's classes are supervised in training
         self.class_embed = nn.ModuleList(nn.Linear(d, K) for _ in range(n_layers))
         self.lqe_layers = nn.ModuleList(LQE(cfg) for _ in range(n_layers))
-        self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: X's file says 8, its config 4
+        self.register_buffer("reg_scale", torch.tensor([4.0]))  # from the weights: x's file says 8, its config 4
         self.register_buffer("up", torch.tensor([0.5]))
 
     def forward(self, target, ref_unact, memory, spatial_shapes, backend="auto", mask=None) -> dict:
-        """mask: the denoising queries' attention mask (training, section 9), else None.
-        Each layer's box is passed on detached, as upstream: a layer learns its own refinement, and gradients reach
-        the earlier layers through the hidden state and the corner logits only."""
+        """mask: the denoising queries' attention mask (training), else None. Each layer's box is passed on detached,
+        as upstream: a layer learns its own refinement; gradients reach earlier layers through h and the corners."""
         project = weighting_function(self.max_num_bins, self.up, self.reg_scale)  # (N+1,)
         ref = torch.sigmoid(ref_unact)  # (B, Q, 4) cxcywh in [0, 1]
         h, prev_h, prev_corners = target, 0, 0
@@ -694,9 +687,8 @@ class Decoder(nn.Module):
             corners = self.bbox_embed[i](h + prev_h) + prev_corners  # (B, Q, 4*(N+1)): residual in logit space
             box = distance2bbox(ref0, integral(corners, project), self.reg_scale)  # (B, Q, 4)
             ref, prev_h, prev_corners = box.detach(), h.detach(), corners  # next layer's reference box
-            out["hidden"].append(h)
-            out["boxes"].append(box)
-            out["corners"].append(corners)
+            for name, t in (("hidden", h), ("boxes", box), ("corners", corners)):
+                out[name].append(t)
             # every layer's class logits: training supervises each, inference reads the last (the detections)
             out["scores"].append(self.class_embed[i](h))  # (B, Q, K) before LQE
             out["layer_logits"].append(self.lqe_layers[i](out["scores"][-1], corners))  # (B, Q, K), LQE included
@@ -726,7 +718,7 @@ class DFine(nn.Module):
         self.backbone = HGNetV2(cfg)
         self.encoder_input_proj = nn.ModuleList(input_proj(c, C) for c in cfg.encoder_in_channels)
         self.encoder = HybridEncoder(cfg)
-        # X: the encoder is 384 wide and the decoder 256, so a projection; the others need none
+        # x: the encoder is 384 wide and the decoder 256, so a projection; the others need none
         self.decoder_input_proj = nn.ModuleList(
             input_proj(c, d, cfg.batch_norm_eps) if c != d else nn.Identity() for c in cfg.decoder_in_channels)
         self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
@@ -734,8 +726,7 @@ class DFine(nn.Module):
         self.enc_bbox_head = MLP(d, d, 4, 3)
         self.decoder = Decoder(cfg)
         if cfg.num_denoising > 0:  # training only: the class embedding of the denoising queries (K: padding)
-            K = len(cfg.id2label)
-            self.denoising_class_embed = nn.Embedding(K + 1, d, padding_idx=K)
+            self.denoising_class_embed = nn.Embedding(len(cfg.id2label) + 1, d, padding_idx=len(cfg.id2label))
         self.input_size = INPUT_SIZE  # (height, width) detect resizes to; from_pretrained reads the checkpoint's
         init_weights(self)  # from scratch as the original; from_pretrained then overwrites every tensor
 
@@ -751,7 +742,7 @@ class DFine(nn.Module):
         if memory.shape[1] < self.cfg.num_queries:
             raise InputError(f"the input gives {memory.shape[1]} image tokens, fewer than the {self.cfg.num_queries} "
                              f"queries; use a larger input (dfine.preprocess makes 640x640)")
-        anchors, valid = once(make_anchors, tuple(shapes), memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
+        anchors, valid = per_size(make_anchors, tuple(shapes), memory.dtype, memory.device)  # (1, S, 4), (1, S, 1)
         out_mem = self.enc_output(valid.to(memory.dtype) * memory)  # (B, S, d): invalid tokens zeroed for the head
         enc_class = self.enc_score_head(out_mem)  # (B, S, K)
         enc_coord = self.enc_bbox_head(out_mem) + anchors  # (B, S, 4) box logits
@@ -785,66 +776,44 @@ class DFine(nn.Module):
             target = torch.cat([dn["queries"], target], dim=1)  # (B, D + Q, d)
             ref_unact, mask = torch.cat([dn["boxes_unact"], ref_unact], dim=1), dn["attn_mask"]  # (B, D + Q, 4)
         dec = self.decoder(target, ref_unact, q["memory"], q["spatial_shapes"], self.backend, mask)
-        stages = None
-        if return_stages:
-            stages = {"pixel_values": pixel_values, "backbone": maps, "encoder": feats,
-                      **{k: v for k, v in q.items() if k != "spatial_shapes"},
-                      "decoder_sampling_locations": dec["sampling_locations"],
-                      "decoder_attention_weights": dec["attention_weights"],
-                      "decoder_initial_box": dec["initial_box"], "decoder_hidden": dec["hidden"],
-                      "decoder_boxes": dec["boxes"], "decoder_corners": dec["corners"],
-                      "logits": dec["logits"], "pred_boxes": dec["pred_boxes"]}
+        stages = {"pixel_values": pixel_values, "backbone": maps, "encoder": feats,
+                  **{k: v for k, v in q.items() if k != "spatial_shapes"},
+                  **{f"decoder_{k}": dec[k] for k in ("sampling_locations", "attention_weights", "initial_box",
+                                                      "hidden", "boxes", "corners")},
+                  "logits": dec["logits"], "pred_boxes": dec["pred_boxes"]} if return_stages else None
         loss, loss_dict = dfine_loss(self, q, dec, labels, dn) if labels is not None else (None, None)
         n_dn = 0 if dn is None else dn["num"]  # the Q queries' outputs only
         return DFineOutput(dec["logits"][:, n_dn:], dec["pred_boxes"][:, n_dn:], stages, loss, loss_dict)
 
-    @torch.inference_mode()
-    def detect(self, images, threshold: float = 0.5, nms: float | None = None, top_k: int | None = None,
-               class_agnostic: bool = False) -> list[dict]:
-        """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes.
-        nms: an IoU above which a box is dropped for a better one of the same class (of any class with
-        class_agnostic, which also merges one query's several labels), common.nms; top_k: keep the k best.
-        Both None (the default): transformers' post-processing as is."""
-        common.check_threshold("threshold", threshold)
-        images = [common.load_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
-        if not images:
-            raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
-        weight = self.enc_score_head.weight
-        out = self(preprocess(images, self.input_size).to(weight.device, weight.dtype))
-        # in float32 whatever the model's dtype: pixels in bf16 would round once more (to 4 px between 512 and 1024)
-        results = postprocess(out.logits.float(), out.pred_boxes.float(), [im.size[::-1] for im in images],
-                              threshold, self.cfg.id2label)
-        return [common.best_detections(r, nms, top_k, None if class_agnostic else r["labels"]) for r in results]
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
-                        dtype: torch.dtype | None = None) -> "DFine":
-        """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode (section 10).
-        backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
-        dtype: the weights' and activations' dtype (torch.bfloat16, or torch.float16 where the device has it); None
-        keeps float32. Position embeddings are built in float64 and cast, as in transformers."""
-        common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
-        dtype = common.check_dtype(dtype)
-        folder = common.resolve_checkpoint(name_or_path, revision)
-        cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
-        model = cls(cfg, backend).to(dtype)  # load_weights casts the file's tensors to it
-        common.load_weights(model, common.weight_files(folder), key_map, optional=optional_key)
-        model.input_size = read_input_size(folder)
-        model.name_or_path, model.revision = str(name_or_path), revision
-        return model.eval()
-
 
 # -----------------------------------------------------------------------------
-# 8. Post-processing: transformers' post_process_object_detection with use_focal_loss=True
+# 8. Detection: images in, boxes in pixels out (detect), post-processed as transformers' post_process_object_detection
+#    with use_focal_loss=True
+
+
+@torch.inference_mode()
+def detect(model: DFine, images, threshold: float = 0.5, nms: float | None = None, top_k: int | None = None,
+           class_agnostic: bool = False) -> list[dict]:
+    """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes.
+    nms: an IoU above which a box is dropped for a better one of the same class (of any class with
+    class_agnostic, which also merges one query's several labels), common.nms; top_k: keep the k best.
+    Both None (the default): transformers' post-processing as is."""
+    common.check_threshold("threshold", threshold)
+    images = [common.load_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
+    if not images:
+        raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
+    weight = model.enc_score_head.weight
+    out = model(preprocess(images, model.input_size).to(weight.device, weight.dtype))
+    # in float32 whatever the model's dtype: pixels in bf16 would round once more (to 4 px between 512 and 1024)
+    results = postprocess(out.logits.float(), out.pred_boxes.float(), [im.size[::-1] for im in images],
+                          threshold, model.cfg.id2label)
+    return [common.best_detections(r, nms, top_k, None if class_agnostic else r["labels"]) for r in results]
 
 
 def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: float = 0.5,
                 id2label: dict | None = None) -> list[dict]:
-    """Per image: the top-Q (query, class) pairs by sigmoid score above `threshold` (strict >), boxes in pixels.
-
-    sizes are the original (height, width). No NMS and no clipping, as upstream: a query may appear with several
-    labels, and a box may reach past the image edge.
-    """
+    """Per image: the top-Q (query, class) pairs by sigmoid score above `threshold` (strict >), boxes in pixels of
+    the original (height, width) in sizes. No NMS, no clipping, as upstream: a query may come with several labels."""
     B, Q, K = logits.shape
     boxes = center_to_corners(pred_boxes)  # (B, Q, 4) xyxy in [0, 1] of the stretched input = of the original
     scale = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.int64)  # int, as transformers: float*int
@@ -860,6 +829,9 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
     return results
 
 
+DFine.detect = detect  # a method of the model, defined here to keep the model class the model
+
+
 # -----------------------------------------------------------------------------
 # 9. Training: denoising queries, Hungarian matching, the loss terms, initial weights
 #
@@ -871,8 +843,7 @@ def postprocess(logits, pred_boxes, sizes: list[tuple[int, int]], threshold: flo
 #   _dn_k, _dn_pre  k < L: the same for the denoising queries, each matched to the object it was made from
 # VFL: varifocal loss, the IoU as the soft target of the matched class. FGL: each edge's distribution pushed
 # towards the two bins around the true edge. DDF (GO-LSD): every layer's distributions distilled from the last's.
-# transformers pairs layer k's distributions with the class and box of the layer before (README; the tests rebuild
-# its pairing from these outputs and get its terms and gradients).
+# transformers pairs layer k's distributions with the layer before's class and box (README, tests).
 
 
 def denoising_queries(model: "DFine", labels: list[dict]) -> dict | None:
@@ -885,8 +856,7 @@ def denoising_queries(model: "DFine", labels: list[dict]) -> dict | None:
         return None
     G = max(cfg.num_denoising // M, 1)  # groups
     cls = torch.full([B, M], K, dtype=torch.int32, device=device)  # (B, M): padded with the no-object id K
-    box = torch.zeros([B, M, 4], device=device)
-    real = torch.zeros([B, M], dtype=torch.bool, device=device)
+    box, real = torch.zeros([B, M, 4], device=device), torch.zeros([B, M], dtype=torch.bool, device=device)
     for i, (t, n) in enumerate(zip(labels, n_gt)):
         cls[i, :n], box[i, :n], real[i, :n] = t["class_labels"], t["boxes"], True
     cls, box, real = cls.tile([1, 2 * G]), box.tile([1, 2 * G, 1]), real.tile([1, 2 * G])  # (B, D) .. D = 2GM
@@ -917,15 +887,15 @@ def denoising_queries(model: "DFine", labels: list[dict]) -> dict | None:
 
 @torch.no_grad()
 def match(o: dict, labels: list[dict], cfg: DFineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each image's objects to distinct queries, at the least total cost (transformers' RT-DETR matcher)."""
+    """Each image's objects (O in all) to distinct queries at the least total cost (transformers' RT-DETR matcher)."""
     B, Q, _ = o["logits"].shape
-    ids, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])  # (N,)..
-    prob = o["logits"].flatten(0, 1).sigmoid()[:, ids]  # (B*Q, N): each query's probability of each object's class
+    ids, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])  # (O,)..
+    prob = o["logits"].flatten(0, 1).sigmoid()[:, ids]  # (B*Q, O): each query's probability of each object's class
     pred = o["boxes"].flatten(0, 1)  # (B*Q, 4)
-    giou = common.generalized_box_iou(center_to_corners(pred), center_to_corners(boxes))  # (B*Q, N)
+    giou = common.generalized_box_iou(center_to_corners(pred), center_to_corners(boxes))  # (B*Q, O)
     cost = (cfg.matcher_bbox_cost * torch.cdist(pred, boxes, p=1)
             + cfg.matcher_class_cost * common.focal_cost(prob, cfg.matcher_alpha, cfg.matcher_gamma)
-            + cfg.matcher_giou_cost * -giou)  # (B*Q, N)
+            + cfg.matcher_giou_cost * -giou)  # (B*Q, O)
     return common.hungarian_match(cost.view(B, Q, -1), [len(t["boxes"]) for t in labels])
 
 
@@ -1131,32 +1101,37 @@ def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 
 
 
 # -----------------------------------------------------------------------------
-# 10. The key map: Hub checkpoint names -> this file's module names, and saving (the same map read backwards)
-#
-# Hub files use transformers 4.x names; files re-saved by other 5.x tools may use the 5.x ones. Both load.
-#   model.backbone.model.X                  -> backbone.X
-#   model.encoder.encoder.i.X  (4.x)        -> encoder.aifi.i.X         (5.x: model.encoder.aifi.i.X)
-#   self_attn.o_proj  (5.x)                 -> self_attn.out_proj
-#   layers.j.mlp.layers.0/1  (5.x)          -> layers.j.fc1 / fc2   (AIFI and decoder layers)
-#   model.X                                 -> X
-#   class_embed.i / bbox_embed.i (top level, if a file has them) -> decoder.class_embed.i / decoder.bbox_embed.i
-#   model.denoising_class_embed             -> denoising_class_embed (training only)
+# 10. Loading and saving: the checkpoint key map (one table, read both ways), from_pretrained, save_pretrained
+
+# The port in one table: (the checkpoint's name, ours), each the start of a key whose rest carries over. Loading
+# reads it left to right, saving right to left; the first entry that fits a key wins. The left names are the Hub
+# files' (transformers 4.x) and what transformers' save_pretrained writes.
+KEY_TABLE = [
+    ("model.backbone.model.", "backbone."),
+    ("model.encoder.encoder.", "encoder.aifi."),  # 5.x files: model.encoder.aifi., read by the last entry
+    ("model.", ""),  # the rest, denoising_class_embed included: our names are transformers' names
+]
+LOAD_ONLY = [("class_embed.", "decoder.class_embed."),  # transformers' second name of each decoder head
+             ("bbox_embed.", "decoder.bbox_embed.")]
+NAMES_5X = {".self_attn.o_proj.": ".self_attn.out_proj.", ".mlp.layers.0.": ".fc1.",  # transformers 5.x's names of
+            ".mlp.layers.1.": ".fc2."}  # the AIFI and decoder layers' parts, read as the 4.x files' (ours)
 
 
-def key_map(key: str) -> str | None:
-    k = key.replace("model.backbone.model.", "backbone.", 1)
-    if k.startswith(("class_embed.", "bbox_embed.")):
-        k = "decoder." + k
-    k = k.removeprefix("model.")
-    k = k.replace("encoder.encoder.", "encoder.aifi.", 1) if k.startswith("encoder.encoder.") else k
-    k = k.replace(".self_attn.o_proj.", ".self_attn.out_proj.")
-    k = k.replace(".mlp.layers.0.", ".fc1.").replace(".mlp.layers.1.", ".fc2.")
-    return k
+def rename(key: str, table: list[tuple[str, str]]) -> str:
+    """key through the first entry of table whose left side starts it; unchanged where none fits."""
+    return next((right + key[len(left):] for left, right in table if key.startswith(left)), key)
 
 
-def optional_key(name: str) -> bool:
-    """Tensors a file may lack: the BN step counter (unused in eval) and num_points_scale (1/n_l, rebuilt at init)."""
-    return name.endswith((".num_batches_tracked", ".num_points_scale"))
+def key_map(key: str) -> str:
+    """A checkpoint's key (4.x or 5.x names) -> our parameter name."""
+    for name_5x, name in NAMES_5X.items():
+        key = key.replace(name_5x, name)
+    return rename(key, KEY_TABLE + LOAD_ONLY)
+
+
+def checkpoint_key(name: str) -> str:
+    """Our parameter name -> the checkpoint's key, as save_pretrained writes it: KEY_TABLE read right to left."""
+    return rename(name, [(ours, theirs) for theirs, ours in KEY_TABLE])
 
 
 def read_input_size(folder: Path) -> tuple[int, int]:
@@ -1175,25 +1150,33 @@ BACKBONE_FIELDS = ("stem_channels", "stem_strides", "stage_in_channels", "stage_
                    "stage_light_block", "stage_kernel_size", "use_learnable_affine_block", "hidden_act", "out_indices")
 
 
-def hub_key(name: str) -> str:
-    """Our parameter name -> the key transformers 4.x files use (key_map's inverse)."""
-    if name.startswith("backbone."):
-        return "model.backbone.model." + name.removeprefix("backbone.")
-    if name.startswith("encoder.aifi."):
-        return "model.encoder.encoder." + name.removeprefix("encoder.aifi.")
-    return "model." + name
-
-
 def config_json(cfg: DFineConfig) -> dict:
     """The config as a Hub config.json: the backbone's fields nested under backbone_config."""
     flat = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "id2label"}
     backbone = {k: flat.pop(k) for k in BACKBONE_FIELDS}
-    names = ["stem", "stage1", "stage2", "stage3", "stage4"]
-    backbone.update(model_type="hgnet_v2", out_features=[names[i] for i in backbone["out_indices"]],
+    backbone.update(model_type="hgnet_v2", out_features=[STAGE_NAMES[i] for i in backbone["out_indices"]],
                     hidden_sizes=backbone["stage_out_channels"])  # transformers takes the channels from these
     return {"model_type": "d_fine", "architectures": ["DFineForObjectDetection"], **flat, "backbone_config": backbone,
             "id2label": {str(k): v for k, v in cfg.id2label.items()},
             "label2id": {v: k for k, v in cfg.id2label.items()}}
+
+
+def from_pretrained(name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
+                    dtype: torch.dtype | None = None) -> "DFine":
+    """A Hub id (downloaded through huggingface_hub) or a local folder -> the model in eval mode. backend: the
+    deformable attention's, see common.resolve_backend ("torch" forces the readable one). dtype: of the weights and
+    activations (torch.bfloat16, or torch.float16 where the device has it); None keeps float32."""
+    common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
+    dtype = common.check_dtype(dtype)
+    folder = common.resolve_checkpoint(name_or_path, revision)
+    cfg = DFineConfig.from_dict(common.read_config(folder, ["d_fine"]))
+    model = DFine(cfg, backend).to(dtype)  # load_weights casts the file's tensors to it
+    # a file may lack the BN step counters (unused in eval) and num_points_scale (1/n_l, built at init)
+    common.load_weights(model, common.weight_files(folder), key_map,
+                        optional=lambda name: name.endswith((".num_batches_tracked", ".num_points_scale")))
+    model.input_size = read_input_size(folder)
+    model.name_or_path, model.revision = str(name_or_path), revision
+    return model.eval()
 
 
 def save_pretrained(model: DFine, folder: str | Path) -> None:
@@ -1202,9 +1185,7 @@ def save_pretrained(model: DFine, folder: str | Path) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ours = model.state_dict()
-    state = {hub_key(k): v.detach().contiguous() for k, v in ours.items()}
-    assert [key_map(k) for k in state] == list(ours), "hub_key is not key_map's inverse"
+    state = {checkpoint_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
     h, w = model.input_size
@@ -1213,17 +1194,16 @@ def save_pretrained(model: DFine, folder: str | Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
 
 
-DFine.save_pretrained = save_pretrained  # beside from_pretrained, defined here with the key map it inverts
+DFine.from_pretrained = staticmethod(from_pretrained)  # methods of the model, beside the key map they use
+DFine.save_pretrained = save_pretrained
 
 
 # -----------------------------------------------------------------------------
 # 11. Fast inference: an option applied to a loaded model, not the reference
 #
-# fast_inference(model) swaps the reference modules for FusedConv ones: every batch norm folded into the conv before
-# it (in float64, rounded once), and where a ReLU and a learnable affine s*x + c (s > 0) follow, those too, leaving
-# max(conv(x), c); RepVGG's 3x3 and 1x1 branches merged into one 3x3 conv; convs run channels-last. The same
-# function with other rounding: tokens whose encoder scores nearly tie may swap at the 300th place and queries may
-# come in another order, which is why it is not the default. The modules above know nothing of it.
+# fast_inference(model) swaps conv blocks for FusedConv: batch norms folded into the conv (in float64, rounded once),
+# with a ReLU and an affine s*x + c (s > 0) after it max(conv(x), c); RepVGG's 3x3 and 1x1 branches one 3x3 conv;
+# convs channels-last. Other rounding: near-tied tokens may swap at the 300th place, hence not the default.
 
 
 class FusedConv(nn.Module):
@@ -1284,9 +1264,8 @@ def fast_inference(model: DFine) -> DFine:
 # -----------------------------------------------------------------------------
 # 12. ONNX export: the forward as a graph (pixel_values -> logits, pred_boxes), post-processing left outside
 #
-# Batch, height and width stay dynamic (multiples of 32, as forward requires) unless export_onnx is given image_size:
-# anchors and AIFI's position embedding are computed in the graph from the input size. The graph gets the readable
-# deformable attention whatever the model's backend. common.OnnxModel runs the file and checks its inputs.
+# Batch, height and width stay dynamic (multiples of 32, as forward requires) unless export_onnx is given image_size.
+# common.OnnxModel runs the file and checks its inputs.
 
 
 class ExportedForward(nn.Module):
@@ -1303,12 +1282,8 @@ class ExportedForward(nn.Module):
 
 def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
     """Write model's forward to an ONNX file. image_size = (height, width), multiples of 32, fixes the graph to that
-    size (for runtimes that want static shapes); None leaves it dynamic (traced at 320x320).
-
-    The per-size cache (`once`) is bypassed while tracing: the anchors and position embeddings must be computed in
-    the graph from its input, and the cache must not keep the tracer's tensors (the model would then compute other
-    numbers). The model is left computing exactly what it computed before."""
-    global once
+    size; None leaves it dynamic (traced at 320x320). The trace computes anchors and position embeddings in the graph
+    (per_size) and takes the readable attention (common.ms_deform_attn): the model is left as it was."""
     h, w = image_size or (320, 320)
     if h % 32 or w % 32:
         raise InputError(f"image_size must be multiples of 32, got {image_size}")
@@ -1316,13 +1291,8 @@ def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | No
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     dynamic = {"pixel_values": {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"}}
     hint = f"Resize to {h}x{w}, or export again with image_size=None (any multiple of 32)."
-    cached, backend = once, model.backend
-    once, model.backend = (lambda fn, *args: fn(*args)), "torch"
-    try:
-        common.export_onnx(ExportedForward(model), [example], path, ["pixel_values"], dynamic,
-                           {"model": getattr(model, "name_or_path", ""), "size_multiple": 32, "fixed": hint})
-    finally:
-        once, model.backend = cached, backend
+    common.export_onnx(ExportedForward(model), [example], path, ["pixel_values"], dynamic,
+                       {"model": getattr(model, "name_or_path", ""), "size_multiple": 32, "fixed": hint})
 
 
 DFine.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section
@@ -1344,8 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
     common.check_cli_args(args)
     images = [common.load_image(p) for p in args.images]
     model = DFine.from_pretrained(args.model, args.revision, args.backend, getattr(torch, args.dtype))
-    if args.fast:
-        model = fast_inference(model)
+    model = fast_inference(model) if args.fast else model
     results = model.detect(images, args.threshold, args.nms, args.top_k)
     rows = [common.detection_rows(r["names"], r["labels"], r["scores"], r["boxes"]) for r in results]
     if args.json:
