@@ -224,8 +224,7 @@ class LightConvLayer(nn.Module):
 
     def __init__(self, cfg, cin, cout, k):
         super().__init__()
-        self.conv1 = ConvLayer(cfg, cin, cout, 1, act=False)
-        self.conv2 = ConvLayer(cfg, cout, cout, k, groups=cout)
+        self.conv1, self.conv2 = ConvLayer(cfg, cin, cout, 1, act=False), ConvLayer(cfg, cout, cout, k, groups=cout)
 
     def forward(self, x):
         return self.conv2(self.conv1(x))
@@ -300,6 +299,12 @@ class HGStages(nn.Module):  # the checkpoint calls this `backbone.encoder`; it h
         super().__init__()
         self.stages = nn.ModuleList(Stage(cfg, s) for s in range(len(cfg.stage_in_channels)))
 
+    def forward(self, x):  # the stem's map, then each stage's: strides 4, 8, 16, 32
+        maps = [x]
+        for stage in self.stages:
+            maps.append(stage(maps[-1]))
+        return maps
+
 
 class HGNetV2(nn.Module):
     def __init__(self, cfg: DFineConfig):
@@ -309,11 +314,7 @@ class HGNetV2(nn.Module):
         self.out_indices = cfg.out_indices
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        x = self.embedder(pixel_values)  # (B, C, H/4, W/4)
-        maps = [x]
-        for stage in self.encoder.stages:  # strides 4, 8, 16, 32
-            x = stage(x)
-            maps.append(x)
+        maps = self.encoder(self.embedder(pixel_values))  # from (B, C, H/4, W/4), the stem's
         return [maps[i] for i in self.out_indices]  # L maps (B, C_l, H_l, W_l)
 
 
@@ -393,8 +394,7 @@ class AIFILayer(nn.Module):
         d = cfg.encoder_hidden_dim
         self.self_attn = SelfAttention(d, cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.encoder_ffn_dim), nn.Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.act = ACT[cfg.encoder_activation_function]
 
@@ -419,8 +419,7 @@ class RepVggBlock(nn.Module):
 
     def __init__(self, cfg, c):
         super().__init__()
-        self.conv1 = ConvNorm(cfg, c, c, 3, padding=1)
-        self.conv2 = ConvNorm(cfg, c, c, 1, padding=0)
+        self.conv1, self.conv2 = ConvNorm(cfg, c, c, 3, padding=1), ConvNorm(cfg, c, c, 1, padding=0)
         self.act = ACT[cfg.activation_function]
 
     def forward(self, x):
@@ -433,8 +432,7 @@ class CSPRepLayer(nn.Module):
     def __init__(self, cfg, cin, cout, n_blocks):
         super().__init__()
         act = cfg.activation_function
-        self.conv1 = ConvNorm(cfg, cin, cout, 1, act=act)
-        self.conv2 = ConvNorm(cfg, cin, cout, 1, act=act)
+        self.conv1, self.conv2 = ConvNorm(cfg, cin, cout, 1, act=act), ConvNorm(cfg, cin, cout, 1, act=act)
         self.bottlenecks = nn.Sequential(*(RepVggBlock(cfg, cout) for _ in range(n_blocks)))
 
     def forward(self, x):
@@ -450,10 +448,8 @@ class RepNCSPELAN4(nn.Module):
         c4 = round(cfg.hidden_expansion * C // 2)  # n: round(43.52 // 2) = 21
         nb = round(3 * cfg.depth_mult)  # Python's round half to even: n 1.5 -> 2, s 1.02 -> 1
         self.conv1 = ConvNorm(cfg, 2 * C, 2 * C, 1, act="silu")  # silu hard-coded here, as upstream
-        self.csp_rep1 = CSPRepLayer(cfg, C, c4, nb)
-        self.conv2 = ConvNorm(cfg, c4, c4, 3, act="silu")
-        self.csp_rep2 = CSPRepLayer(cfg, c4, c4, nb)
-        self.conv3 = ConvNorm(cfg, c4, c4, 3, act="silu")
+        self.csp_rep1, self.conv2 = CSPRepLayer(cfg, C, c4, nb), ConvNorm(cfg, c4, c4, 3, act="silu")
+        self.csp_rep2, self.conv3 = CSPRepLayer(cfg, c4, c4, nb), ConvNorm(cfg, c4, c4, 3, act="silu")
         self.conv4 = ConvNorm(cfg, 2 * C + 2 * c4, C, 1, act="silu")
 
     def forward(self, x):  # (B, 2C, H, W)
@@ -468,8 +464,7 @@ class SCDown(nn.Module):
 
     def __init__(self, cfg, c):
         super().__init__()
-        self.conv1 = ConvNorm(cfg, c, c, 1)
-        self.conv2 = ConvNorm(cfg, c, c, 3, stride=2, groups=c)
+        self.conv1, self.conv2 = ConvNorm(cfg, c, c, 1), ConvNorm(cfg, c, c, 3, stride=2, groups=c)
 
     def forward(self, x):
         return self.conv2(self.conv1(x))
@@ -557,12 +552,10 @@ class DeformableAttention(nn.Module):
         P, self.offset_scale = sum(self.points), cfg.decoder_offset_scale
         self.sampling_offsets = nn.Linear(cfg.d_model, self.heads * P * 2)
         self.attention_weights = nn.Linear(cfg.d_model, self.heads * P)
-        scale = torch.cat([torch.full((n,), 1.0 / n) for n in self.points])  # (P,): 1/n_l, level-major
-        self.register_buffer("num_points_scale", scale)
+        self.register_buffer("num_points_scale", torch.cat([torch.full((n,), 1.0 / n) for n in self.points]))  # (P,)
 
     def forward(self, query, ref, memory, spatial_shapes, backend="auto"):
-        B, Q, _ = query.shape
-        P = sum(self.points)
+        (B, Q, _), P = query.shape, sum(self.points)
         value = memory.reshape(B, memory.shape[1], self.heads, -1)  # (B, S, nH, hD): no value projection
         off = self.sampling_offsets(query).reshape(B, Q, self.heads, P, 2)  # (B, Q, nH, P, 2)
         w = F.softmax(self.attention_weights(query).reshape(B, Q, self.heads, P), dim=-1)  # over ALL levels' points
@@ -578,8 +571,7 @@ class Gate(nn.Module):
 
     def __init__(self, d):
         super().__init__()
-        self.gate = nn.Linear(2 * d, 2 * d)
-        self.norm = nn.LayerNorm(d)
+        self.gate, self.norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(d)
 
     def forward(self, residual, x):
         g1, g2 = torch.sigmoid(self.gate(torch.cat([residual, x], dim=-1))).chunk(2, dim=-1)  # (B, Q, d) each
@@ -594,8 +586,7 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.encoder_attn = DeformableAttention(cfg)
         self.gateway = Gate(d)
-        self.fc1 = nn.Linear(d, cfg.decoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, d)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.decoder_ffn_dim), nn.Linear(cfg.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.act = ACT[cfg.decoder_activation_function]
 
@@ -722,8 +713,7 @@ class DFine(nn.Module):
         self.decoder_input_proj = nn.ModuleList(
             input_proj(c, d, cfg.batch_norm_eps) if c != d else nn.Identity() for c in cfg.decoder_in_channels)
         self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
-        self.enc_score_head = nn.Linear(d, len(cfg.id2label))
-        self.enc_bbox_head = MLP(d, d, 4, 3)
+        self.enc_score_head, self.enc_bbox_head = nn.Linear(d, len(cfg.id2label)), MLP(d, d, 4, 3)
         self.decoder = Decoder(cfg)
         if cfg.num_denoising > 0:  # training only: the class embedding of the denoising queries (K: padding)
             self.denoising_class_embed = nn.Embedding(len(cfg.id2label) + 1, d, padding_idx=len(cfg.id2label))
@@ -976,8 +966,7 @@ def set_losses(o: dict, labels: list[dict], indices: list, num_boxes: float, mod
 
 def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict | None):
     """-> (loss, loss_dict): every output's terms (section header), weighted by the config."""
-    cfg = model.cfg
-    n_dn, L = 0 if dn is None else dn["num"], len(dec["corners"])
+    cfg, n_dn, L = model.cfg, 0 if dn is None else dn["num"], len(dec["corners"])
     ref0 = dec["initial_box"].detach()  # the box FDR measures every layer's edges from
 
     def layer(k: int, denoising: bool, teacher: bool = True) -> tuple[dict, dict | None]:  # the D or the Q queries
@@ -1014,11 +1003,9 @@ def dfine_loss(model: "DFine", q: dict, dec: dict, labels: list[dict], dn: dict 
 
 @torch.no_grad()
 def init_weights(model: "DFine") -> None:
-    """A model built from a config starts as the original D-FINE does: class biases at the prior probability (every
-    query starts as 'nothing here', the focal-loss init), the last layer of every box head at 0 (boxes start at the
-    anchors, edges at W's centre), the sampling points on a ring (head h towards angle 2*pi*h/nH, the k-th point of a
-    level k steps out), uniform attention weights, gates at 0.5, frozen batch norms as the identity; xavier where
-    the original uses it; PyTorch's default elsewhere."""
+    """From a config, as the original D-FINE: class biases at the prior (every query 'nothing here'), box heads' last
+    layers at 0 (boxes at the anchors, edges at W's centre), sampling points on a ring (head h at angle 2*pi*h/nH, a
+    level's k-th point k steps out), uniform attention, gates at 0.5, frozen BNs the identity; xavier as upstream."""
     cfg, d = model.cfg, model.decoder
     p = cfg.initializer_bias_prior_prob or 0.01
     for m in model.modules():
