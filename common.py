@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -147,15 +146,9 @@ MIN_SIDE = 16  # smaller images carry nothing a detector can use; refuse rather 
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB, the same way every time.
-
-    - RGB: unchanged.  L, 1, P, CMYK, YCbCr, HSV: PIL's own conversion (P looks up its palette).
-    - LA, RGBA, PA, P with transparency: the alpha channel is dropped, colours kept as stored
-      (what transformers' `load_image` does with `convert("RGB")`; no compositing on white).
-    - I;16 (16-bit grey) and I (32-bit int): clipped to [0, 65535], divided by 257 and rounded
-      (65535 -> 255), then grey to RGB. PIL's own convert would clip at 255 and turn most pixels white.
-    - F (float grey): clipped to [0, 255] and rounded.
-    """
+    """Any PIL mode to 8-bit RGB: PIL's own conversion, alpha dropped without compositing (transformers'
+    convert("RGB")), except 16/32-bit grey scaled by 1/257 and float grey clipped to [0, 255] (PIL's convert would
+    clip those at 255 and turn most pixels white)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -312,12 +305,9 @@ def check_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, attention_weights, backend="auto"):
-    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device), except
-    while tracing.
-
-    bfloat16/float16 inputs are sampled in float32 and the output cast back (transformers samples in the half dtype,
-    but torch's CPU grid_sample in bfloat16 returns non-finite values for locations inside the map, and the kernels
-    take float32/float64 only)."""
+    """The one call both models make; backend "numba" runs kernels.py (CPU or CUDA by the tensors' device).
+    bfloat16/float16 are sampled in float32 (transformers samples in the half dtype, but torch's CPU grid_sample in
+    bfloat16 returns non-finite values inside the map, and the kernels take float32/float64 only)."""
     if value.dtype in (torch.bfloat16, torch.float16):
         return ms_deform_attn(value.float(), spatial_shapes, points_per_level, sampling_locations.float(),
                               attention_weights.float(), backend).to(value.dtype)
@@ -339,9 +329,7 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, tokenizer, vocab, we
 
 def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
     """A local folder, or a Hub id downloaded (or found in the cache) by huggingface_hub -> a folder of files.
-
-    huggingface_hub brings the cache, HF_HUB_OFFLINE and progress bars; we only turn its errors into advice.
-    """
+    huggingface_hub brings the cache, HF_HUB_OFFLINE and progress bars; we only turn its errors into advice."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -353,26 +341,25 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) ->
     if s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise LoadError(f"no folder {s} and it is not a Hub id of the form owner/name")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     try:
         return Path(snapshot_download(s, revision=revision, allow_patterns=HUB_FILES))
-    except GatedRepoError:
-        raise LoadError(f"{s} is gated: accept its terms on the Hub and log in (`hf auth login`)") from None
-    except RepositoryNotFoundError:
-        raise LoadError(f"unknown model id {s}: no such repository on the Hugging Face Hub, or a private one") from None
-    except RevisionNotFoundError:
-        raise LoadError(f"{s} has no revision {revision!r}") from None
-    except HFValidationError as e:
-        raise LoadError(f"{s} is neither a folder nor a valid Hub id ({e})") from None
-    except HfHubHTTPError as e:  # the Hub answered, with an error: say what it said
-        raise LoadError(f"the Hugging Face Hub refused {s}: {str(e).splitlines()[0]}") from None
-    except (LocalEntryNotFoundError, OSError) as e:
-        raise LoadError(f"cannot reach the Hugging Face Hub and {s} is not in the local cache "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); download it on a "
-                        f"connected machine, or pass a local folder with config.json and model.safetensors "
-                        f"(offline: the models trained here, notebooks/models/dfine-shapes and gdino-shapes)") from None
+    except (HFValidationError, OSError) as e:  # the Hub's HTTP errors and a miss in the offline cache are OSErrors
+        first = str(e).splitlines()[0] if str(e) else ""
+        advice = [  # the first class that fits says what to do (the Hub's errors subclass each other)
+            (GatedRepoError, f"{s} is gated: accept its terms on the Hub and log in (`hf auth login`)"),
+            (RepositoryNotFoundError, f"unknown model id {s}: no such repository on the Hugging Face Hub, or a "
+                                      f"private one"),
+            (RevisionNotFoundError, f"{s} has no revision {revision!r}"),
+            (HFValidationError, f"{s} is neither a folder nor a valid Hub id ({e})"),
+            (HfHubHTTPError, f"the Hugging Face Hub refused {s}: {first}"),
+            (Exception, f"cannot reach the Hugging Face Hub and {s} is not in the local cache ({type(e).__name__}: "
+                        f"{first[:120]}); download it on a connected machine, or pass a local folder with config.json "
+                        f"and model.safetensors (offline: the models trained here, notebooks/models/dfine-shapes and "
+                        f"gdino-shapes)")]
+        raise LoadError(next(message for kind, message in advice if isinstance(e, kind))) from None
 
 
 def read_json(path: Path) -> dict:
@@ -407,11 +394,8 @@ def weight_files(folder: Path) -> list[Path]:
 def load_weights(model: torch.nn.Module, files: Sequence[Path], key_map: Callable[[str], str | None],
                  optional: Callable[[str], bool] = lambda name: False) -> None:
     """Read every tensor, rename it with key_map (None = drop on purpose) and load; any mismatch stops the load.
-
-    Two file keys may map to one module name (a head stored twice): allowed only when the tensors are equal.
-    `optional(name)` marks module tensors a file may lack (a BN step counter, a buffer rebuilt at init): those keep
-    the value the model was built with.
-    """
+    Two file keys may map to one module name (a head stored twice) only when the tensors are equal. `optional(name)`:
+    module tensors a file may lack (a BN step counter, a buffer rebuilt at init), kept as built."""
     from safetensors import SafetensorError, safe_open
 
     expected = model.state_dict()
@@ -480,27 +464,17 @@ def draw_detections(image: Image.Image, boxes, labels: Sequence[str], scores, pa
 # 6. Stage dumps: reference tensors for ports to check themselves against
 
 
-def sha256_of(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def flatten_stages(stages: dict) -> dict[str, torch.Tensor]:
-    """{name: tensor | list of tensors} -> {name or name.i: tensor}, in the order given."""
-    flat = {}
-    for name, v in stages.items():
-        if isinstance(v, torch.Tensor):
-            flat[name] = v
-        elif isinstance(v, (list, tuple)):
-            flat.update({f"{name}.{i}": t for i, t in enumerate(v) if isinstance(t, torch.Tensor)})
-    return flat
-
-
 def save_stages(path: str | Path, stages: dict, model_id: str, revision: str | None, inputs: torch.Tensor) -> None:
+    """{name: tensor | list of tensors} -> a safetensors file of name or name.i, in the order given, with metadata."""
     from safetensors.torch import save_file
 
-    # clone: a stage may be the very tensor of another (pred_boxes is the last decoder box); safetensors refuses that
-    flat = {k: v.detach().cpu().clone().contiguous() for k, v in flatten_stages(stages).items()}
-    meta = {"model_id": str(model_id), "revision": str(revision), "input_sha256": sha256_of(inputs),
+    flat = {}
+    for name, v in stages.items():
+        for i, t in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor):  # cloned: a stage may be another's very tensor, which safetensors refuses
+                flat[name if t is v else f"{name}.{i}"] = t.detach().cpu().clone().contiguous()
+    sha = hashlib.sha256(inputs.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    meta = {"model_id": str(model_id), "revision": str(revision), "input_sha256": sha,
             "dtype": str(inputs.dtype), "device": str(inputs.device), "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(),
             "tf32": str(torch.backends.cuda.matmul.allow_tf32), "order": ",".join(flat)}
@@ -549,15 +523,14 @@ def check_labels(labels, batch_size: int, num_classes: int) -> None:
         if not isinstance(b, torch.Tensor) or b.shape != (len(c), 4) or not b.is_floating_point():
             raise InputError(f"labels[{i}]['boxes'] must be a float tensor ({len(c)}, 4) (cx, cy, w, h), "
                              f"got {tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', type(b).__name__)}")
-        bad_class = ((c < 0) | (c >= num_classes)).nonzero()
-        if len(bad_class):
-            j = bad_class[0].item()
-            raise InputError(f"image {i}, box {j}: class id {c[j].item()} is outside [0, {num_classes}) of the head")
-        bad_box = (~((b >= 0) & (b <= 1)).all(-1) | (b[:, 2] <= 0) | (b[:, 3] <= 0)).nonzero()
-        if len(bad_box):
-            j = bad_box[0].item()
-            raise InputError(f"image {i}, box {j}: {b[j].tolist()} is not a normalised (cx, cy, w, h) box: every "
-                             f"value must lie in [0, 1] and w, h > 0 (divide pixel boxes by the image size)")
+        bad = ((c < 0) | (c >= num_classes)).nonzero()[:, 0].tolist()  # boxes, of which the first is named
+        if bad:
+            raise InputError(f"image {i}, box {bad[0]}: class id {c[bad[0]].item()} is outside [0, {num_classes}) of "
+                             f"the head")
+        bad = (~((b >= 0) & (b <= 1)).all(-1) | (b[:, 2] <= 0) | (b[:, 3] <= 0)).nonzero()[:, 0].tolist()
+        if bad:
+            raise InputError(f"image {i}, box {bad[0]}: {b[bad[0]].tolist()} is not a normalised (cx, cy, w, h) box: "
+                             f"every value must lie in [0, 1] and w, h > 0 (divide pixel boxes by the image size)")
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -593,11 +566,9 @@ def focal_cost(prob: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> t
 
 
 def hungarian_match(cost: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """cost (B, Q, N_total), the objects of all images side by side, sizes[i] of them image i's ->
-    per image (query indices, object indices), int64, sorted by query, min(Q, n_i) pairs.
-
-    NaN and +-inf costs become the largest float of the dtype, so such a pair is picked only when nothing else is
-    left (a diverged prediction must not crash training; a high loss shows it)."""
+    """cost (B, Q, N_total), the objects of all images side by side, sizes[i] of them image i's -> per image (query
+    indices, object indices), int64, sorted by query, min(Q, n_i) pairs. NaN and +-inf costs become the dtype's
+    largest float, picked only when nothing else is left (a diverged prediction must not crash training)."""
     from scipy.optimize import linear_sum_assignment  # the one use of scipy: imported only when training
 
     big = torch.finfo(cost.dtype).max
@@ -615,14 +586,11 @@ def box_losses(src_boxes: torch.Tensor, target_boxes: torch.Tensor, num_boxes: f
 
 
 # -----------------------------------------------------------------------------
-# 8. ONNX: export (TorchScript exporter, opset 17) and a small onnxruntime runner that checks its inputs
-#
-# The TorchScript exporter traces one forward: sizes taken from input shapes stay symbolic where they feed tensor
-# ops, so dimensions declared dynamic stay dynamic; a `torch.tensor([...])` built from sizes becomes a constant (the
-# files' export sections say how they avoid that). The dynamo exporter exports D-FINE too but takes ten times
-# longer. The graph's dimension names are the runner's contract: "batch", "height", "width", "tokens"; numbers are
-# fixed sizes. So is the metadata it reads: "size_multiple" (of height and width), "max_<dimension>" (a bound, such
-# as max_tokens) with "max_<dimension>_hint" (what to do beyond it), "fixed" (what to do about a fixed size).
+# 8. ONNX: export (TorchScript exporter, opset 17; the dynamo one takes ten times longer) and a small onnxruntime
+#    runner that checks its inputs. The tracer keeps sizes taken from input shapes symbolic where they feed tensor
+#    ops, but a `torch.tensor([...])` built from sizes becomes a constant. The runner's contract: the graph's
+#    dimension names "batch", "height", "width", "tokens" (numbers: fixed sizes) and metadata "size_multiple",
+#    "max_<dimension>" (a bound) with "max_<dimension>_hint" (what to do beyond it), "fixed" (what to do about it).
 
 ONNX_OPSET = 17
 
@@ -909,18 +877,17 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
     return hist
 
 
-def _main() -> int:
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Compare two stage dumps tensor by tensor.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="print shape, max abs and max rel diff per tensor of A")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any max abs diff exceeds this")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for f in (args.a, args.b):
-        if not os.path.isfile(f):
-            print(f"error: no such file {f}", file=sys.stderr)
-            return 2
+        if not Path(f).is_file():
+            raise InputError(f"no such file {f}")
     rows = compare_stages(args.a, args.b)
     width = max(len(r[0]) for r in rows) if rows else 10
     print(f"{'tensor':<{width}}  {'shape':<22} {'max abs':>10} {'max rel':>10}")
@@ -932,4 +899,4 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    run_cli(_main)

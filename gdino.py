@@ -4,13 +4,10 @@ Paper: Liu et al., "Grounding DINO: Marrying DINO with Grounded Pre-Training for
 Mirrors transformers 5.23 `GroundingDinoForObjectDetection` (and `MMGroundingDinoForObjectDetection`, which only
 differs in its heads; see section 9) op for op, so that the outputs match it bit for bit on CPU in fp32;
 and `GroundingDinoProcessor` with the PIL image processor for preprocessing and post-processing.
-Deliberate differences: a raw forward refuses prompts over 256 tokens (transformers crashes) and `detect` splits
-them into chunks; `detect` runs images one at a time (a padded batch changes a padded image's outputs, see there);
-no detections give no labels (transformers returns one empty label); in bf16/fp16 the deformable attention samples
-in float32 (common.ms_deform_attn says why) and `detect` post-processes in float32 (transformers in the model's
-dtype, which rounds the boxes to its 8 significant bits once more). In training (section 12), each image's class
-targets come from its own prompt and the encoder term supervises the encoder's proposals, as the paper (transformers
-5.23 offsets class ids by the wrong phrase count, and its encoder term trains none of the proposal head).
+Deliberate differences, each said where it happens: prompts over 256 tokens are refused by forward and chunked by
+`detect`, which runs images one at a time and post-processes in float32; bf16/fp16 sample the deformable attention
+in float32; in training each image's class targets come from its own prompt and the encoder term trains the
+encoder's proposals, as the paper (transformers offsets class ids by the wrong phrase count, and trains no proposal).
 Loads the Hub checkpoints IDEA-Research/grounding-dino-{tiny,base} (and the MM Grounding DINO / LLMDet ones of
 model_type "mm-grounding-dino") from their config.json, tokenizer.json (or vocab.txt) and model.safetensors.
 Leaves out: the timm/ResNet backbones, the single-stage (`two_stage=False`) variant, `output_attentions`, denoising
@@ -28,9 +25,8 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
   8. decoder            6 x (self-attention, text cross-attention, deformable cross-attention, FFN, box refinement)
   9. heads, the model   contrastive class logits (B, Q, 256) against the text tokens, boxes (B, Q, 4) cxcywh;
                         GroundingDino, whose forward runs sections 3-9 in order
- 10. detection          detect: images one at a time, long label lists in chunks, the backbone and BERT reusable
-                        (encode_image, encode_prompt); post-processing as post_process_grounded_object_detection
-                        (threshold, phrase labels, boxes in pixels)
+ 10. detection          detect (long label lists in chunks; backbone and BERT reusable via encode_image/_prompt);
+                        post-processing as post_process_grounded_object_detection
  11. loading, saving    one key table read both ways (Hub and transformers 5.x names), from_pretrained, save_pretrained
  12. training           label maps from the prompt, Hungarian matching, focal/L1/GIoU set loss; init from scratch
  13. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
@@ -120,8 +116,7 @@ class GroundingDinoConfig:
     layer_norm_eps: float = 1e-5
     positional_embedding_temperature: float = 20  # image sine embedding; text and query sines use 10000
     # one box MLP (MM: also one class bias) for all decoder layers? None = config.json does not say: Grounding DINO
-    # shares (its config default), MM checkpoints converted before the flags existed have per-layer heads, which
-    # load_checkpoint confirms from the file's keys
+    # shares (its default); an MM checkpoint's weights say (mm_layout)
     decoder_bbox_embed_share: bool | None = None
     decoder_cls_embed_share: bool | None = None
     # training only (section 12): dropout, drop path, and the matcher's and the loss's weights
@@ -145,21 +140,18 @@ class GroundingDinoConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> GroundingDinoConfig:
         bb, tx = dict(cfg.get("backbone_config") or {}), dict(cfg.get("text_config") or {})
-        if bb.get("model_type", "swin") != "swin" or tx.get("model_type", "bert") != "bert":
-            raise LoadError(f"only a Swin backbone and a BERT text encoder are supported, got "
-                            f"{bb.get('model_type')!r} and {tx.get('model_type')!r}")
-        if bb.get("use_absolute_embeddings"):
-            raise LoadError("Swin with absolute position embeddings is not supported")
-        if not cfg.get("two_stage", True) or not cfg.get("embedding_init_target", True):
-            raise LoadError("only two-stage Grounding DINO with learned target embeddings is supported")
-        if cfg.get("model_type") == "grounding-dino" and cfg.get("two_stage_bbox_embed_share", False):
-            raise LoadError("two_stage_bbox_embed_share=true is not supported (no released checkpoint uses it)")
-        fixed = [(bb, "hidden_act", "gelu"), (tx, "hidden_act", "gelu"), (cfg, "activation_function", "relu"),
-                 (cfg, "position_embedding_type", "sine"), (cfg, "query_dim", 4),
-                 (bb, "hidden_dropout_prob", 0.0), (bb, "attention_probs_dropout_prob", 0.0)]
-        for d, k, v in fixed:  # what every released checkpoint uses and the only thing implemented here
+        swin, bert, top = "backbone_config.", "text_config.", ""  # where a key sits, for the message
+        fixed = [(swin, "model_type", "swin"), (bert, "model_type", "bert"), (swin, "use_absolute_embeddings", False),
+                 (top, "two_stage", True), (top, "embedding_init_target", True), (swin, "hidden_act", "gelu"),
+                 (bert, "hidden_act", "gelu"), (top, "activation_function", "relu"), (top, "query_dim", 4),
+                 (top, "position_embedding_type", "sine"), (swin, "hidden_dropout_prob", 0.0),
+                 (swin, "attention_probs_dropout_prob", 0.0)]
+        if cfg.get("model_type") == "grounding-dino":  # MM checkpoints share it
+            fixed.append((top, "two_stage_bbox_embed_share", False))
+        for where, k, v in fixed:  # what every released checkpoint uses and the only thing implemented here
+            d = {swin: bb, bert: tx, top: cfg}[where]
             if d.get(k, v) != v:
-                raise LoadError(f"config {k}={d[k]!r} is not supported (only {v!r})")
+                raise LoadError(f"config {where}{k}={d[k]!r} is not supported (only {v!r})")
         if not bb.get("out_features") and bb.get("out_indices"):  # older configs name stages by index only
             bb["out_features"] = [["stem", "stage1", "stage2", "stage3", "stage4"][i] for i in bb["out_indices"]]
         top = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and k not in ("backbone", "text")}
@@ -272,9 +264,8 @@ def load_tokenizer(folder: str | Path):
 
 
 def normalize_prompt(prompt: str | Sequence[str]) -> str:
-    """A label list ["A cat", "remote"] -> "a cat. remote." (stripped, lowercased, '. '-joined, final '.'), as the
-    transformers processor does; a string passes unchanged (BERT lowercases it anyway). A string without a final
-    '.' leaves its last phrase unmasked-by-phrase and at position 0, which transformers does too: keep the dot."""
+    """A label list ["A cat", "remote"] -> "a cat. remote." as the transformers processor joins it; a string passes
+    unchanged (without a final '.' its last phrase is no phrase, in transformers too: keep the dot)."""
     if isinstance(prompt, str):
         text = prompt
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, str) for t in prompt):
@@ -308,12 +299,10 @@ def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sub-sentence self-attention mask (B, T, T), True = may attend, and per-phrase position ids (B, T).
-
-    A phrase is the run of tokens up to and including its closing delimiter ('.', '?', [SEP]); its tokens see
-    each other only and count positions from 0. [CLS], [SEP], [PAD] and the tokens after the last interior
-    delimiter see only themselves, at position 0 (transformers' vectorised generate_masks_with_special_tokens...).
-    """
+    """Sub-sentence self-attention mask (B, T, T), True = may attend, and per-phrase position ids (B, T). A phrase
+    is the run of tokens up to and including its closing delimiter ('.', '?', [SEP]); its tokens see each other only
+    and count positions from 0. [CLS], [SEP], [PAD] and the tokens after the last interior delimiter see only
+    themselves, at position 0 (transformers' generate_masks_with_special_tokens_and_transfer_map)."""
     B, T = input_ids.shape
     delim = (input_ids[..., None] == torch.tensor(delimiters, device=input_ids.device)).any(-1)  # (B, T)
     idx = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
@@ -332,8 +321,7 @@ def phrase_masks(input_ids: torch.Tensor, delimiters: Sequence[int]) -> tuple[to
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (training only): each sample's residual branch is dropped with probability p, kept ones
-    scaled by 1 / (1 - p)."""
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability p, kept ones / (1-p)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -435,8 +423,7 @@ class SwinStage(nn.Module):
                                                drops[i]) for i in range(depth)])
         self.downsample = PatchMerging(dim, cfg.layer_norm_eps) if downsample else None
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h*w, C) -> (B, h*w, C), before the downsampling (SwinBackbone takes its maps there)."""
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:  # (B, h*w, C), before the downsampling
         for block in self.blocks:
             x = block(x, h, w)
         return x
@@ -457,8 +444,7 @@ class SwinBackbone(nn.Module):
         self.hidden_states_norms = nn.ModuleDict({s: nn.LayerNorm(c, eps=cfg.layer_norm_eps)
                                                   for s, c in zip(self.out_features, self.channels)})
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> one (B, C_l, H_l, W_l) map per out_feature, each normed by hidden_states_norms."""
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:  # one (B, C_l, H_l, W_l) per out_feature
         ps, (H, W) = self.patch_size, pixel_values.shape[-2:]
         x = F.pad(pixel_values, (0, (ps - W % ps) % ps, 0, (ps - H % ps) % ps))  # right/bottom zeros to whole patches
         x = self.patch_embed(x)  # (B, C, H/4, W/4)
@@ -666,9 +652,8 @@ class TextEnhancerLayer(nn.Module):
 
 
 def level_sizes(shapes, like: torch.Tensor) -> torch.Tensor:
-    """(L, 2): each level's (width, height), in like's dtype and device (the encoder's offsets are in its pixels).
-    While tracing (ONNX export) the sizes are 0-d tensors: stacking them keeps them in the graph, where torch.tensor
-    would bake this image's sizes in as constants."""
+    """(L, 2): each level's (width, height) in like's dtype. While tracing (ONNX export) the sizes are 0-d tensors:
+    stacking them keeps them in the graph, where torch.tensor would bake this image's sizes in as constants."""
     if torch.jit.is_tracing():
         return torch.stack([torch.stack([torch.as_tensor(wl), torch.as_tensor(hl)]) for hl, wl in shapes]).to(like)
     return torch.tensor([[wl, hl] for hl, wl in shapes], dtype=like.dtype, device=like.device)
@@ -686,8 +671,7 @@ class DeformableAttention(nn.Module):
         self.value_proj, self.output_proj = nn.Linear(d, d), nn.Linear(d, d)
 
     def project_value(self, value: torch.Tensor, value_mask: torch.Tensor) -> torch.Tensor:
-        """(B, S, d) -> (B, S, nH, hD): the map every query samples from; padding zeroed after the bias."""
-        B, S, d = value.shape
+        B, S, d = value.shape  # -> (B, S, nH, hD), the map every query samples from; padding zeroed after the bias
         return self.value_proj(value).masked_fill_(~value_mask[..., None], 0.0).view(B, S, self.heads, d // self.heads)
 
     def forward(self, query, value, ref, shapes, backend: str) -> torch.Tensor:
@@ -852,9 +836,9 @@ class Decoder(nn.Module):
 
     def forward(self, target, ref, memory, lv: Levels, text, text_mask, box_head: Callable[[int], MLP], backend: str,
                 self_attn_mask: torch.Tensor | None = None) -> tuple[list, list]:
-        """Queries target (B, Q, 256) at boxes ref (B, Q, 4) -> per layer the layer-normed query features
-        (B, Q, 256) and the refined boxes (B, Q, 4). box_head(i): layer i's box MLP (the model's heads).
-        self_attn_mask: an additive (Q, Q) or (B, 1, Q, Q) mask on the queries' self-attention (None: all see all)."""
+        """Queries target (B, Q, 256) at boxes ref (B, Q, 4) -> per layer the layer-normed query features (B, Q, 256)
+        and the refined boxes (B, Q, 4); box_head(i): layer i's box MLP; self_attn_mask: additive, (Q, Q) or
+        (B, 1, Q, Q)."""
         h = target
         text_bias = (~text_mask)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, T)
         hidden, refs = [], []
@@ -1092,21 +1076,16 @@ def detect(model: GroundingDino, images, prompts=None, threshold: float = 0.25, 
            size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
            class_agnostic: bool = False) -> dict | list[dict]:
     """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
-    {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)}, as transformers' processor + model +
-    post-processing return for that image, plus "label_ids": for each box the index of its best-scoring label
-    in the prompt (a class id). Scores and boxes are float32 whatever the model's dtype.
+    {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)} as transformers gives them, plus
+    "label_ids": each box's best-scoring label in the prompt (a class id). float32 whatever the model's dtype.
+    size: (shortest, longest) resize edges (None: the checkpoint's). nms: an IoU above which a box is dropped for a
+    better one of its label (of any label with class_agnostic); top_k: keep the k best; either sorts by score.
+    prompts None: a fine-tuned model's classes.
 
-    size: (shortest, longest) edges to resize to, as the processor's size={"shortest_edge", "longest_edge"};
-    None: the checkpoint's. nms: an IoU above which a box is dropped for a better one of the same label (of any
-    label with class_agnostic), common.nms; top_k: keep the k best. With either, results are sorted by score;
-    without (the default), they are transformers' (query order, no NMS). prompts None: a fine-tuned model's classes.
-
-    Images run one at a time, so an image's detections never depend on the others: in a padded batch Swin sees the
-    padding zeros (it has no padding mask) and the fusion's global max spans the batch, which changes a padded
-    image's outputs (in transformers too; the raw forward still takes batches). A prompt longer than max_text_len
-    tokens is split into chunks of whole labels: the backbone runs once and the text-dependent rest once per
-    chunk. The backbone (encode_image) and BERT (encode_prompt) are what can be reused; the feature enhancer mixes
-    the text into the image tokens, so nothing after them is shared.
+    Images run one at a time: in a padded batch Swin sees the padding zeros (it has no padding mask) and the
+    fusion's global max spans the batch, so a padded image's outputs would change (in transformers too). A prompt
+    over max_text_len tokens is split into chunks of whole labels; the backbone runs once for all of them. Only the
+    backbone and BERT can be reused: the feature enhancer mixes the text into the image tokens.
     """
     threshold = check_threshold("threshold", threshold)
     text_threshold = check_threshold("text_threshold", text_threshold)
@@ -1160,16 +1139,12 @@ def split_phrases(prompt: str | Sequence[str]) -> list[str]:
     """A label list or a 'a. b. c.' string -> its phrases, each as the text it contributes to a chunk."""
     if isinstance(prompt, str):
         return [p.strip() for p in re.findall(r"[^.?]*[.?]|[^.?]+$", prompt) if p.strip()]
-    normalize_prompt(prompt)  # validates the list
     return [t.strip().lower() + "." for t in prompt]
 
 
 def chunk_prompt(tokenizer, prompt: str | Sequence[str], max_tokens: int = 256) -> list[str]:
-    """Split a prompt into texts of at most max_tokens tokens ([CLS] and [SEP] included), whole phrases only.
-
-    Each chunk is exactly the text transformers would get for that sub-list of labels ("a. b."), so chunk k's
-    detections equal a transformers run on chunk k alone. mmdet's chunked_size does the same for LVIS-size lists.
-    """
+    """Split a prompt into texts of at most max_tokens tokens ([CLS] and [SEP] included), whole phrases only: each
+    chunk is the text transformers would get for that sub-list of labels ("a. b."), as mmdet's chunked_size."""
     text = normalize_prompt(prompt)
     if len(tokenizer.encode(text).ids) <= max_tokens:
         return [text]
@@ -1208,12 +1183,11 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
                  target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
     """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings], "label_ids" (n,)}.
 
-    score = max over the prompt's tokens of sigmoid(logit) ([CLS] and '.' included); a query is kept when score >
-    threshold (strict), in query order, without NMS or clipping. Boxes are scaled by the original (h, w) if given.
-    A label is the prompt's tokens scoring above text_threshold; like transformers, column 0 ([CLS]) and columns
-    from max_text_len - 1 on are dropped, while '.' and [SEP] may stay in, so a label can read 'cat. [SEP]'.
-    In float32 whatever the model's dtype: corners and pixels computed in bfloat16 would round the network's boxes
-    once more to its 8 significant bits (a coordinate between 512 and 1024 pixels onto a multiple of 4).
+    score = max over the prompt's tokens of sigmoid(logit); a query is kept when score > threshold, in query order,
+    without NMS or clipping; boxes scaled by the original (h, w) if given. A label is the prompt's tokens above
+    text_threshold, as transformers: without column 0 ([CLS]) and columns from max_text_len - 1 on, '.' and [SEP]
+    kept ('cat. [SEP]'); no detections give no labels (transformers: one empty label). In float32: bfloat16 would
+    round the boxes once more to 8 significant bits (between 512 and 1024 pixels, onto a multiple of 4).
     """
     probs = torch.sigmoid(logits.float())  # (B, Q, max_text_len)
     scores = torch.max(probs, dim=-1)[0]  # (B, Q)
@@ -1311,13 +1285,10 @@ def rename(key: str, table: list[tuple[str, str | None]]) -> str | None:
 
 
 def key_map_for(cfg: GroundingDinoConfig) -> Callable[[str], str | None]:
-    """A checkpoint's key -> our parameter name (None = dropped on purpose), by KEY_TABLE and LOAD_ONLY.
-
-    Heads: transformers keeps the decoder's box (and MM class) heads twice, as `bbox_embed.i` and
-    `model.decoder.bbox_embed.i`, and files store some of those copies (grounding-dino-tiny only `bbox_embed.0`).
-    Every copy of layer i maps to our head i, or to our single head 0 when the config shares it; load_weights
-    then checks that copies landing on one parameter are equal.
-    """
+    """A checkpoint's key -> our parameter name (None = dropped on purpose), by KEY_TABLE and LOAD_ONLY. transformers
+    keeps the decoder's box (and MM class) heads twice, as `bbox_embed.i` and `model.decoder.bbox_embed.i`, and files
+    store some of those copies (grounding-dino-tiny only `bbox_embed.0`): each copy of layer i maps to our head i, or
+    to head 0 when shared; load_weights checks that copies landing on one parameter are equal."""
     def key_map(key: str) -> str | None:
         if key.startswith(SWIN):  # transformers 5.x's names first become the file's
             for name_5x, name in SWIN_5X.items():
@@ -1494,18 +1465,15 @@ def sigmoid_focal_loss(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.
     p = x.sigmoid()
     ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     p_t = p * y + (1 - p) * (1 - y)
-    loss = ce * ((1 - p_t) ** 2)
-    return (alpha * y + (1 - alpha) * (1 - y)) * loss if alpha >= 0 else loss
+    return (alpha * y + (1 - alpha) * (1 - y)) * (ce * ((1 - p_t) ** 2))
 
 
 def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], maps: list[torch.Tensor],
              text_mask: torch.Tensor, num_boxes: float, cfg: GroundingDinoConfig) -> dict:
     """One prediction set (B, Q, W) logits and (B, Q, 4) boxes -> loss_ce, loss_bbox, loss_giou, cardinality_error.
-
-    Each matched query's class target is the token map of its box's phrase in its own image's prompt (transformers
-    offsets image i's class ids by image i's own phrase count, which reads another image's phrases from batch 3 on
-    or with prompts of different lengths); unmatched queries have all-zero targets. The focal loss runs over the
-    prompt's tokens only ([CLS], '.', [SEP] included, as transformers: they are negatives for every query)."""
+    A matched query's class target is its box's phrase's tokens in its own image's prompt (transformers offsets
+    image i's class ids by image i's own phrase count, which reads another image's phrases from batch 3 on or with
+    prompts of different lengths). The focal loss runs over the prompt's tokens ([CLS], '.', [SEP] negatives)."""
     indices = match(logits, boxes, targets, maps, cfg)
     img = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])  # (M,) image of each match
     query = torch.cat([q for q, _ in indices])  # (M,)
@@ -1525,12 +1493,9 @@ def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], map
 def grounding_loss(model: GroundingDino, out: GroundingDinoOutput, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, labels: list[dict]) -> tuple[torch.Tensor, dict]:
     """The total loss and its terms under transformers' keys: loss_ce, loss_bbox, loss_giou (last layer), the same
-    with _0 .. _{L-2} (earlier decoder layers, if cfg.auxiliary_loss) and with _enc (the encoder's proposals).
-
-    The encoder term follows the paper (DINO's two-stage supervision, as the original and mmdet): the top-Q
-    proposals' class logits and undetached boxes, so enc_output, enc_output_norm and encoder_output_bbox_embed
-    train. transformers scores the learned query embeddings against the unenhanced text with the detached
-    boxes instead, which leaves those three without gradient."""
+    with _0 .. _{L-2} (earlier decoder layers, if cfg.auxiliary_loss) and with _enc (the encoder's proposals). The
+    encoder term is the paper's (DINO's two-stage supervision): the top-Q proposals' class logits and undetached
+    boxes, so the proposal head trains (transformers scores the learned queries with detached boxes: no gradient)."""
     cfg, st = model.cfg, out.stages
     B, Q, W = out.logits.shape
     maps = label_maps(input_ids, W, special_tokens(model.tokenizer))
@@ -1566,15 +1531,10 @@ PRIOR = 0.01  # the class score a model starts from (RetinaNet's: the many negat
 
 @torch.no_grad()
 def init_weights(model: GroundingDino) -> None:
-    """From scratch, as the originals initialise: Swin's truncated normal and BERT's normal (std 0.02), Xavier for
-    the transformer's matrices and projections, zero biases, a normal level embedding, deformable attention
-    sampling a ring of points around its reference with uniform weights, box heads that start at their reference
-    (last layer zero), fusion layer scales of 1e-4; MM's class bias at logit(PRIOR), as mmdet's ContrastiveEmbed.
-
-    Grounding DINO's class head has no parameter to hold a prior, and its logits are dot products of two
-    LayerNorm outputs (about N(0, 256)), so every score starts saturated. Beyond the originals, the prior goes into
-    those norms: the decoder's and the encoder proposals' output norms and the last text norm get weight
-    d^-1/4 and biases +-sqrt(-logit(PRIOR)) along one shared direction, so that q . t starts at logit(PRIOR)."""
+    """From scratch, as the originals: Swin's truncated normal and BERT's normal (std 0.02), Xavier elsewhere, zero
+    biases, a normal level embedding, deformable attention sampling a ring around its reference with uniform
+    weights, box heads that start at their reference (last layer zero), fusion layer scales of 1e-4; then
+    class_prior."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             if name.startswith("backbone."):
@@ -1610,8 +1570,11 @@ def init_weights(model: GroundingDino) -> None:
 
 @torch.no_grad()
 def class_prior(model: GroundingDino) -> None:
-    """Class scores that start at PRIOR: MM's class biases at logit(PRIOR); for Grounding DINO, the three norms,
-    see init_weights."""
+    """Class scores that start at PRIOR: MM's class biases at logit(PRIOR), as mmdet's ContrastiveEmbed. Grounding
+    DINO's head has no parameter, and its logits are dot products of two LayerNorm outputs (about N(0, 256)), so
+    every score would start saturated: beyond the originals, the decoder's and the encoder proposals' output norms
+    and the last text norm get weight d^-1/4 and biases +-sqrt(-logit(PRIOR)) along one direction, so that q . t
+    starts at logit(PRIOR)."""
     bias = -math.log((1 - PRIOR) / PRIOR)
     if model.cfg.is_mm:
         for head in [model.encoder_output_class_embed, *model.class_embed]:
@@ -1678,17 +1641,13 @@ def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 
 # -----------------------------------------------------------------------------
 # 13. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
 #
-# Batch, prompt length (up to max_text_len) and image size stay dynamic, unless export_onnx is given image_size,
-# which fixes height and width (for runtimes that want static shapes; common.OnnxModel then refuses other sizes).
-# The exporter traces one forward, in which the map sizes are traced values (level_sizes keeps them so) and the
-# deformable attention is the readable one whatever the model's backend (common.ms_deform_attn). Tokens as `tokenize`
-# makes them.
+# Batch, prompt length (up to max_text_len) and image size stay dynamic (level_sizes keeps the map sizes traced),
+# unless export_onnx is given image_size, which fixes height and width for runtimes that want static shapes.
 
 ONNX_INPUTS = ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "pixel_mask"]
 
 
-class ExportedForward(nn.Module):
-    """What the graph computes: forward's two tensors."""
+class ExportedForward(nn.Module):  # what the graph computes: forward's two tensors
 
     def __init__(self, model: GroundingDino):
         super().__init__()
@@ -1708,9 +1667,8 @@ def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, i
     tok = tokenize(model.tokenizer, ["a cat. a remote control.", "a cat."])  # two lengths: padding is traced too
     pixel_values = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
     args = [pixel_values, *(tok[k].to(dev) for k in ONNX_INPUTS[1:4]), torch.ones(2, h, w, dtype=torch.long).to(dev)]
-    size = {} if image_size else {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}}
-    dynamic = {"pixel_values": {0: "batch", **size.get("pixel_values", {})},
-               "pixel_mask": {0: "batch", **size.get("pixel_mask", {})},
+    dynamic = {"pixel_values": {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"},
+               "pixel_mask": {0: "batch"} if image_size else {0: "batch", 1: "height", 2: "width"},
                **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
     hint = (f"Pad to {h}x{w} with pixel_mask 0 on the padding, or export again with image_size=None (any size) "
             f"or the size of your pixel_values.")
