@@ -978,11 +978,10 @@ class GroundingDino(nn.Module):
                 token_type_ids: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None,
                 return_stages: bool = False, backbone_maps: list[torch.Tensor] | None = None,
                 text: dict | None = None, labels: list[dict] | None = None) -> GroundingDinoOutput:
-        """Sections 3-9 in order. backbone_maps: the backbone's output for these pixel_values, computed earlier (detect
-        runs the backbone once for all chunks of a long label list); None runs the backbone here. text: encode_text's
-        output for these tokens, computed earlier (an EncodedPrompt's); None runs BERT here. labels (training,
-        section 12): per image {"class_labels" (n,) phrase indices into that image's prompt, "boxes" (n, 4) cx, cy,
-        w, h in [0, 1]}; the output then carries loss and loss_dict."""
+        """Sections 3-9 in order. backbone_maps, text: the backbone's and encode_text's outputs for these inputs,
+        computed earlier (detect reuses them across chunks and images); None runs them here. labels (training): per
+        image {"class_labels" (n,) phrase indices into its prompt, "boxes" (n, 4) cx, cy, w, h in [0, 1]}; the output
+        then carries loss and loss_dict."""
         if labels is not None:  # bad labels fail before the forward, not after it
             check_grounding_labels(labels, label_maps(input_ids, self.cfg.max_text_len, special_tokens(self.tokenizer)))
         B, _, H, W = pixel_values.shape
@@ -1014,9 +1013,8 @@ class GroundingDino(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 10. Detection: images and prompts in, boxes in pixels out (detect), with what it can reuse (encode_image,
-#     encode_prompt), the chunking of long label lists, and post-processing as transformers'
-#     GroundingDinoProcessor.post_process_grounded_object_detection
+# 10. Detection: images and prompts in, boxes in pixels out (detect), what it can reuse (encode_image, encode_prompt),
+#     the chunking of long label lists, and post-processing as transformers' post_process_grounded_object_detection
 
 
 @dataclass
@@ -1385,10 +1383,8 @@ def checkpoint_config(folder: Path) -> GroundingDinoConfig:
 def from_pretrained(name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
                     dtype: torch.dtype | None = None) -> GroundingDino:
     """A Hub id or a local folder (config.json, model.safetensors, tokenizer.json or vocab.txt) -> the model, in eval
-    mode. backend: the deformable attention's, see common.resolve_backend ("torch" forces the readable one).
-    dtype: the weights' and activations' dtype (torch.bfloat16, or torch.float16 where the device has it); None
-    keeps float32. Position embeddings are computed in float32 and cast, masks use the dtype's own min, and
-    the class logits come out in float32, as in transformers."""
+    mode. backend: the deformable attention's (common.resolve_backend). dtype: the weights' and activations' (None:
+    float32); position embeddings are computed in float32 and the class logits come out in float32, as transformers."""
     common.resolve_backend(backend, torch.device("cpu"))  # a typo fails here, not at the first forward
     dtype = common.check_dtype(dtype)
     folder = common.resolve_checkpoint(name_or_path, revision)
