@@ -100,6 +100,8 @@ def test_dfine_shapes_map(dfine_shapes):
     m = shapes.evaluate_dfine(dfine_shapes, TEST_SCENES)
     print(f"\nD-FINE shapes on {len(TEST_SCENES)} fresh scenes: {m}")
     assert m["map50"] >= 0.9
+    assert len(m["map50_per_class"]) == 12  # every class is in the test scenes, so mAP@0.5 is their mean
+    assert sum(m["map50_per_class"]) / 12 == pytest.approx(m["map50"], abs=1e-9)
 
 
 def test_gdino_shapes_map(gdino_shapes):
