@@ -32,6 +32,7 @@ ENV = {  # notebook -> (the environment it runs in here, a text its committed ou
     "grounding_dino.ipynb": ({"GDINO_MODEL": str(MODELS / "gdino-shapes")}, "gdino-shapes"),
     "train_dfine.ipynb": ({"DFINE_TRAIN_STEPS": "2"}, "400 steps of 4 scenes"),  # + DFINE_TRAIN_OUT below
     "train_gdino.ipynb": ({"GDINO_TRAIN_STEPS": "2"}, "3000 steps of 8 scenes"),
+    "finetune.ipynb": ({"FINETUNE_STEPS": "2"}, "30 steps of 4 images per run"),  # + FINETUNE_OUT below
 }
 
 
@@ -84,6 +85,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
     monkeypatch.setenv("DFINE_TRAIN_OUT", str(tmp_path / "dfine-out"))  # a smoke training never overwrites the models
     monkeypatch.setenv("GDINO_TRAIN_OUT", str(tmp_path / "gdino-out"))
+    monkeypatch.setenv("FINETUNE_OUT", str(tmp_path / "finetune"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(nb, km=kernel_manager(tmp_path), timeout=CELL_TIMEOUT,
