@@ -185,6 +185,18 @@ def test_dfine_bf16_matches_transformers_in_bf16():
     assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
 
 
+def assert_near_fp32(got: dict, fp32: dict, label: str, score_tol: float) -> None:
+    """A bf16 model's float32 detections at 1024 px: coordinates past 512 not rounded to bf16's multiples of 4, and
+    the fp32 model's best detection found again (same label) within bf16's network error (0.012 of the image)."""
+    big = got["boxes"][got["boxes"] >= 512]
+    assert len(big) >= 4 and (big % 4 != 0).any()
+    best = fp32["scores"].argmax()
+    near = (got["boxes"] - fp32["boxes"][best]).abs().amax(-1).masked_fill(got[label] != fp32[label][best],
+                                                                           float("inf"))  # (n,)
+    j = near.argmin()
+    assert near[j] <= 0.012 * 1024 and abs(got["scores"][j] - fp32["scores"][best]) <= score_tol, near[j]
+
+
 def test_gdino_bf16_detections_are_float32_pixels():
     """detect on a bf16 model: float32 scores and boxes, post-processed in float32 from the network's bf16 outputs.
     Corners and pixels are not rounded to bf16's 8 significant bits once more (which put every coordinate between 512
@@ -206,13 +218,7 @@ def test_gdino_bf16_detections_are_float32_pixels():
     assert out.pred_boxes.dtype == torch.bfloat16
     keep = out.logits[0].sigmoid().amax(-1) > 0.25
     assert torch.equal(got["boxes"], common.center_to_corners(out.pred_boxes[0][keep].float()) * 1024)
-    big = got["boxes"][got["boxes"] >= 512]
-    assert len(big) >= 4 and (big % 4 != 0).any()
-    best = fp32["scores"].argmax()
-    near = (got["boxes"] - fp32["boxes"][best]).abs().amax(-1).masked_fill(got["label_ids"] != fp32["label_ids"][best],
-                                                                           float("inf"))  # (n,)
-    j = near.argmin()
-    assert near[j] <= 0.012 * 1024 and abs(got["scores"][j] - fp32["scores"][best]) <= 0.015, (near[j], got["scores"])
+    assert_near_fp32(got, fp32, "label_ids", score_tol=0.015)
 
 
 def test_dfine_bf16_detections_are_float32_pixels():
@@ -232,13 +238,7 @@ def test_dfine_bf16_detections_are_float32_pixels():
     assert out.pred_boxes.dtype == out.stages["decoder_hidden"][-1].dtype == torch.bfloat16
     ref = dfine.postprocess(out.logits.float(), out.pred_boxes.float(), [(1024, 1024)], 0.5, model.cfg.id2label)[0]
     assert torch.equal(got["boxes"], ref["boxes"]) and torch.equal(got["scores"], ref["scores"])
-    big = got["boxes"][got["boxes"] >= 512]
-    assert len(big) >= 4 and (big % 4 != 0).any()
-    best = fp32["scores"].argmax()
-    near = (got["boxes"] - fp32["boxes"][best]).abs().amax(-1).masked_fill(got["labels"] != fp32["labels"][best],
-                                                                           float("inf"))  # (n,)
-    j = near.argmin()
-    assert near[j] <= 0.012 * 1024 and abs(got["scores"][j] - fp32["scores"][best]) <= 0.025, (near[j], got["scores"])
+    assert_near_fp32(got, fp32, "labels", score_tol=0.025)
 
 
 @torch.inference_mode()
