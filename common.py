@@ -481,26 +481,6 @@ def save_stages(path: str | Path, stages: dict, model_id: str, revision: str | N
     save_file(flat, str(path), metadata=meta)
 
 
-def compare_stages(a: str | Path, b: str | Path) -> list[tuple[str, str, float, float]]:
-    """Per tensor of A: (name, shape, max abs diff, max rel diff); inf where B lacks it or shapes differ."""
-    from safetensors import safe_open
-
-    rows = []
-    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
-        names_b = set(fb.keys())
-        order = (fa.metadata() or {}).get("order", "").split(",")
-        for name in [n for n in order if n in fa.keys()] or sorted(fa.keys()):
-            x = fa.get_tensor(name)
-            if name not in names_b or fb.get_tensor(name).shape != x.shape:
-                rows.append((name, str(tuple(x.shape)), float("inf"), float("inf")))
-                continue
-            x, y = x.double(), fb.get_tensor(name).double()
-            d = (x - y).abs()
-            rel = (d / y.abs().clamp(min=1e-12)).max().item() if d.numel() else 0.0
-            rows.append((name, str(tuple(x.shape)), d.max().item() if d.numel() else 0.0, rel))
-    return rows
-
-
 # -----------------------------------------------------------------------------
 # 7. Training: set matching and box losses (DETR's set loss, shared by both models)
 #
@@ -597,9 +577,7 @@ ONNX_OPSET = 17
 
 def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str | Path, input_names: Sequence[str],
                 dynamic_axes: dict, metadata: dict[str, str]) -> None:
-    """Trace module(*args) -> (logits, pred_boxes) into an ONNX file, with metadata (read back by OnnxModel)."""
-    import warnings
-
+    """Trace module(*args)'s .logits and .pred_boxes into an ONNX file, with metadata (read back by OnnxModel)."""
     try:
         import onnx
     except ImportError:
@@ -607,6 +585,12 @@ def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str
     path = Path(path)
     if not path.resolve().parent.is_dir():
         raise InputError(f"cannot write {path}: folder {path.resolve().parent} does not exist")
+
+    class Outputs(torch.nn.Sequential):  # what the graph computes: the forward's two tensors
+        def forward(self, *inputs):
+            out = self[0](*inputs)
+            return out.logits, out.pred_boxes
+
     modes = {m: m.training for m in module.modules()}  # eval for the trace, then each module as it was
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about every Python check on a traced size (they run once, at trace time) and about
@@ -615,7 +599,7 @@ def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding")  # a Slice with steps != 1 is left unfolded
         try:
-            torch.onnx.export(module.eval(), tuple(args), str(path), input_names=list(input_names),
+            torch.onnx.export(Outputs(module).eval(), tuple(args), str(path), input_names=list(input_names),
                               output_names=["logits", "pred_boxes"], dynamic_axes=dynamic_axes,
                               opset_version=ONNX_OPSET, dynamo=False)
         finally:
@@ -808,10 +792,10 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
     """Train with the model's own loss (forward(**batch(t)).loss) as both originals do: AdamW, names starting with
     `backbone` at lr * backbone_lr, no weight decay on norms, biases and embeddings; linear warm-up, cosine decay;
     gradients clipped to `clip`; an EMA of the weights (D-FINE's: decay ema_decay * (1 - exp(-updates / ema_warmups))).
-    Every eval_every steps and at the end: evaluate(EMA model) -> {"map50", "map"}; `out` gets the EMA weights when
-    best (without evaluate: the last) as a from_pretrained folder, out/last the state resume=True continues from, bit
-    for bit (safetensors + JSON). Returns the history: losses (the total, and each term of the output's loss_dict
-    under "terms"), mAPs, seconds."""
+    Every eval_every steps and at the end: evaluate(the EMA model, in eval mode) -> {"map50", "map"}; `out` gets the
+    EMA weights when best (without evaluate: the last) as a from_pretrained folder, out/last the state resume=True
+    continues from, bit for bit (safetensors + JSON). Returns the history: losses (the total, and each term of the
+    output's loss_dict under "terms"), mAPs, seconds."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
@@ -857,7 +841,8 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
             hist["terms"].setdefault(name, []).append(term.item())
         done = (t + 1) % eval_every == 0 or t + 1 == steps
         if done and evaluate:
-            m = evaluate(ema.module)
+            m = evaluate(ema.module.eval())
+            ema.module.train()
             hist["eval_step"].append(t + 1), hist["map50"].append(m["map50"]), hist["map"].append(m["map"])
             log(f"step {t + 1}/{steps}  loss {np.mean(hist['loss'][-25:]):.3f} (last 25)  EMA mAP@0.5 "
                 f"{m['map50']:.3f}  mAP {m['map']:.3f}")
@@ -880,7 +865,7 @@ def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, out: s
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Compare two stage dumps tensor by tensor.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="print shape, max abs and max rel diff per tensor of A")
+    c = sub.add_parser("compare", help="print shape, max abs and max rel diff per tensor of A (inf: B lacks it)")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--atol", type=float, default=1e-4, help="exit 1 if any max abs diff exceeds this")
@@ -888,7 +873,20 @@ def _main(argv: list[str] | None = None) -> int:
     for f in (args.a, args.b):
         if not Path(f).is_file():
             raise InputError(f"no such file {f}")
-    rows = compare_stages(args.a, args.b)
+    from safetensors import safe_open
+
+    rows = []  # (name, shape, max abs diff, max rel diff) per tensor of A, in A's order
+    with safe_open(args.a, "pt") as fa, safe_open(args.b, "pt") as fb:
+        order = (fa.metadata() or {}).get("order", "").split(",")
+        for name in [n for n in order if n in fa.keys()] or sorted(fa.keys()):
+            x = fa.get_tensor(name)
+            if name not in fb.keys() or fb.get_tensor(name).shape != x.shape:
+                rows.append((name, str(tuple(x.shape)), float("inf"), float("inf")))
+                continue
+            x, y = x.double(), fb.get_tensor(name).double()
+            d = (x - y).abs()
+            rel = (d / y.abs().clamp(min=1e-12)).max().item() if d.numel() else 0.0
+            rows.append((name, str(tuple(x.shape)), d.max().item() if d.numel() else 0.0, rel))
     width = max(len(r[0]) for r in rows) if rows else 10
     print(f"{'tensor':<{width}}  {'shape':<22} {'max abs':>10} {'max rel':>10}")
     for name, shape, d, r in rows:

@@ -1077,10 +1077,8 @@ def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 
                 "boxes": common.corners_to_center(x["boxes"]) / wh} for x in samples]}
 
     def evaluate(m: DFine) -> dict:  # the 100 best (query, class) pairs per image
-        m.eval()
         files = [im["file"] for im in test.images]
         dets = [r for i in range(0, len(files), 16) for r in m.detect(files[i:i + 16], 0.0, top_k=100)]
-        m.train()
         return common.coco_eval(test, dets)
 
     return common.fit(model, inputs, steps, out, evaluate if test else None, eval_every, lr or 2e-4,
@@ -1255,18 +1253,6 @@ def fast_inference(model: DFine) -> DFine:
 # common.OnnxModel runs the file and checks its inputs.
 
 
-class ExportedForward(nn.Module):
-    """What the graph computes: forward's two tensors, with the readable deformable attention."""
-
-    def __init__(self, model: DFine):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        out = self.model(pixel_values)
-        return out.logits, out.pred_boxes
-
-
 def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
     """Write model's forward to an ONNX file. image_size = (height, width), multiples of 32, fixes the graph to that
     size; None leaves it dynamic (traced at 320x320). The trace computes anchors and position embeddings in the graph
@@ -1278,7 +1264,7 @@ def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | No
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     dynamic = {"pixel_values": {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"}}
     hint = f"Resize to {h}x{w}, or export again with image_size=None (any multiple of 32)."
-    common.export_onnx(ExportedForward(model), [example], path, ["pixel_values"], dynamic,
+    common.export_onnx(model, [example], path, ["pixel_values"], dynamic,
                        {"model": getattr(model, "name_or_path", ""), "size_multiple": 32, "fixed": hint})
 
 

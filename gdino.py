@@ -1624,11 +1624,8 @@ def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 
                 **tokenize(model.tokenizer, [chunks[k]] * len(samples))}
 
     def evaluate(m: GroundingDino) -> dict:  # detect's 100 best boxes per image, each with its best class
-        m.eval()
-        dets = [{**r, "labels": r["label_ids"]} for r in m.detect([im["file"] for im in test.images], data.names,
-                                                                 0.0, 0.0, top_k=100)]
-        m.train()
-        return common.coco_eval(test, dets)
+        dets = m.detect([im["file"] for im in test.images], data.names, 0.0, 0.0, top_k=100)
+        return common.coco_eval(test, [{**r, "labels": r["label_ids"]} for r in dets])
 
     return common.fit(model, inputs, steps, out, evaluate if test else None, eval_every, lr or 1e-4,
                       ("backbone.", "text_backbone."), 0.1, resume=resume, log=log)
@@ -1641,17 +1638,6 @@ def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 
 # unless export_onnx is given image_size, which fixes height and width for runtimes that want static shapes.
 
 ONNX_INPUTS = ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "pixel_mask"]
-
-
-class ExportedForward(nn.Module):  # what the graph computes: forward's two tensors
-
-    def __init__(self, model: GroundingDino):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask):
-        out = self.model(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask)
-        return out.logits, out.pred_boxes
 
 
 def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, int] | None = None) -> None:
@@ -1670,7 +1656,7 @@ def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, i
             f"or the size of your pixel_values.")
     meta = {"model": getattr(model, "name_or_path", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len,
             "max_tokens_hint": "Split long label lists with gdino.chunk_prompt, as detect does."}
-    common.export_onnx(ExportedForward(model), args, path, ONNX_INPUTS, dynamic, meta)
+    common.export_onnx(model, args, path, ONNX_INPUTS, dynamic, meta)
 
 
 GroundingDino.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section

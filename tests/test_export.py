@@ -8,6 +8,8 @@ as they are. After export the model must compute exactly what it computed before
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import dfine_reference
 import gdino_reference as R
 import numpy as np
@@ -232,10 +234,10 @@ def test_dfine_command_line_exports(tmp_path, capsys):
 
 
 def test_runner_takes_bounds_and_hints_from_metadata(tmp_path):
-    class Toy(torch.nn.Module):  # (batch, tokens) ids -> logits (batch, 2, 3), pred_boxes (batch, 2, 4)
+    class Toy(torch.nn.Module):  # (batch, tokens) ids -> .logits (batch, 2, 3), .pred_boxes (batch, 2, 4)
         def forward(self, input_ids):
             x = input_ids.float().sum(1)[:, None, None]  # (batch, 1, 1)
-            return x.expand(-1, 2, 3), x.expand(-1, 2, 4)
+            return SimpleNamespace(logits=x.expand(-1, 2, 3), pred_boxes=x.expand(-1, 2, 4))
 
     ids, dynamic = torch.ones(2, 4, dtype=torch.long), {"input_ids": {0: "batch", 1: "tokens"}}
     for metadata, hint in [({"max_tokens": 5, "max_tokens_hint": "Split the text."}, " Split the text."),
