@@ -10,9 +10,7 @@ import contextlib
 import io
 import json
 import math
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -104,7 +102,7 @@ def shape_scene(seed: int, size: tuple[int, int] = (320, 320), max_shapes: int =
 
 
 # -----------------------------------------------------------------------------
-# Batches, evaluation and training
+# Batches and evaluation (the training loop is common.fit)
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
 FULL_PROMPT = ". ".join(SHAPE_PHRASES) + "."  # the 12 phrases in class order: phrase k is class k
@@ -227,40 +225,6 @@ def evaluate_gdino(model: gdino.GroundingDino, seeds, size: int, batch: int = 16
         scenes += [shape_scene(s, (size, size)) for s in seeds[i:i + batch]]
     model.train(was_training)
     return coco_map(dets, scenes)
-
-
-def fit(model: torch.nn.Module, batch: Callable[[int], dict], steps: int, lr: float, evaluate: Callable[[], dict],
-        eval_every: int, warmup: int = 100, weight_decay: float = 1e-4, clip: float = 0.1,
-        log: Callable[[str], None] = print, log_every: int = 25) -> dict:
-    """Train with the model's own loss (forward with labels): AdamW, a linear warm-up then a cosine decay to 0,
-    gradients clipped to norm `clip` (the DETR recipe). batch(t) gives step t's forward arguments; evaluate() a
-    dict with "map50", run every eval_every steps and at the end; a progress line every log_every steps. Returns the
-    history: per-step losses, the mAPs, the seconds it took."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    ramp = lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps))  # noqa: E731
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
-    hist = {"step": [], "loss": [], "eval_step": [], "map50": [], "map": [], "seconds": []}
-    start = time.perf_counter()
-    model.train()
-    for t in range(steps):
-        out = model(**batch(t))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        schedule.step()
-        hist["step"].append(t + 1), hist["loss"].append(out.loss.item())
-        minutes = (time.perf_counter() - start) / 60
-        if (t + 1) % eval_every == 0 or t + 1 == steps:
-            m = evaluate()
-            hist["eval_step"].append(t + 1), hist["map50"].append(m["map50"]), hist["map"].append(m["map"])
-            log(f"step {t + 1:5d}/{steps}  loss {np.mean(hist['loss'][-eval_every:]):7.3f}  "
-                f"mAP@0.5 {m['map50']:.3f}  mAP {m['map']:.3f}  {minutes:5.1f} min")
-        elif (t + 1) % log_every == 0:
-            log(f"step {t + 1:5d}/{steps}  loss {np.mean(hist['loss'][-log_every:]):7.3f}  {minutes:5.1f} min")
-    hist["seconds"] = time.perf_counter() - start
-    return hist
 
 
 def write_coco(folder: str | Path, seeds, size: tuple[int, int] = (320, 320), categories: dict[int, str] | None = None,

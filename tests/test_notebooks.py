@@ -31,7 +31,7 @@ ENV = {  # notebook -> (the environment it runs in here, a text its committed ou
     "deformable_attention.ipynb": ({"DFINE_MODEL": str(MODELS / "dfine-shapes")}, "value ("),
     "grounding_dino.ipynb": ({"GDINO_MODEL": str(MODELS / "gdino-shapes")}, "gdino-shapes"),
     "train_dfine.ipynb": ({"DFINE_TRAIN_STEPS": "2"}, "400 steps of 4 scenes"),  # + DFINE_TRAIN_OUT below
-    "train_gdino.ipynb": ({"GDINO_TRAIN_STEPS": "2"}, "3000 steps of 8 scenes"),
+    "train_gdino.ipynb": ({"GDINO_TRAIN_STEPS": "2"}, "250 steps of 4 scenes"),  # + GDINO_TRAIN_OUT below
     "finetune.ipynb": ({"FINETUNE_STEPS": "2"}, "30 steps of 4 images per run"),  # + FINETUNE_OUT below
 }
 
