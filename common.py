@@ -151,12 +151,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     clip those at 255 and turn most pixels white)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        a = np.rint(np.clip(a, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    if img.mode == "F":
-        a = np.rint(np.clip(np.asarray(img, dtype=np.float64), 0, 255)).astype(np.uint8)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        top = 255.0 if img.mode == "F" else 65535.0  # 65535 / 255 = 257, exactly
+        a = np.rint(np.clip(np.asarray(img, dtype=np.float64), 0, top) / (top / 255)).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
     return img.convert("RGB")
 
