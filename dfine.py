@@ -325,10 +325,9 @@ class HGNetV2(nn.Module):
 class ConvNorm(nn.Module):
     """conv -> BatchNorm2d (plain F.batch_norm in eval, unlike the backbone) -> optional activation."""
 
-    def __init__(self, cfg, cin, cout, k, stride=1, groups=1, act=None, padding=None):
+    def __init__(self, cfg, cin, cout, k, stride=1, groups=1, act=None):
         super().__init__()
-        pad = (k - 1) // 2 if padding is None else padding
-        self.conv = nn.Conv2d(cin, cout, k, stride, padding=pad, groups=groups, bias=False)
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(cout, eps=cfg.batch_norm_eps)
         self.act = ACT[act] if act else None
 
@@ -419,7 +418,7 @@ class RepVggBlock(nn.Module):
 
     def __init__(self, cfg, c):
         super().__init__()
-        self.conv1, self.conv2 = ConvNorm(cfg, c, c, 3, padding=1), ConvNorm(cfg, c, c, 1, padding=0)
+        self.conv1, self.conv2 = ConvNorm(cfg, c, c, 3), ConvNorm(cfg, c, c, 1)
         self.act = ACT[cfg.activation_function]
 
     def forward(self, x):
@@ -1119,31 +1118,10 @@ def checkpoint_key(name: str) -> str:
     return rename(name, [(ours, theirs) for theirs, ours in KEY_TABLE])
 
 
-def read_input_size(folder: Path) -> tuple[int, int]:
-    """The (height, width) of preprocessor_config.json's size; 640x640 where the folder has none."""
-    f = folder / "preprocessor_config.json"
-    size = common.read_json(f).get("size", {}) if f.is_file() else {}
-    h, w = size.get("height", INPUT_SIZE[0]), size.get("width", INPUT_SIZE[1])
-    if h % 32 or w % 32:
-        raise common.LoadError(f"{f} resizes to {h}x{w}; D-FINE needs multiples of 32")
-    return h, w
-
-
 # Saving writes what from_pretrained (and transformers) read: transformers 4.x key names, a nested config.json.
 BACKBONE_FIELDS = ("stem_channels", "stem_strides", "stage_in_channels", "stage_mid_channels", "stage_out_channels",
                    "stage_num_blocks", "stage_numb_of_layers", "stage_downsample", "stage_downsample_strides",
                    "stage_light_block", "stage_kernel_size", "use_learnable_affine_block", "hidden_act", "out_indices")
-
-
-def config_json(cfg: DFineConfig) -> dict:
-    """The config as a Hub config.json: the backbone's fields nested under backbone_config."""
-    flat = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "id2label"}
-    backbone = {k: flat.pop(k) for k in BACKBONE_FIELDS}
-    backbone.update(model_type="hgnet_v2", out_features=[STAGE_NAMES[i] for i in backbone["out_indices"]],
-                    hidden_sizes=backbone["stage_out_channels"])  # transformers takes the channels from these
-    return {"model_type": "d_fine", "architectures": ["DFineForObjectDetection"], **flat, "backbone_config": backbone,
-            "id2label": {str(k): v for k, v in cfg.id2label.items()},
-            "label2id": {v: k for k, v in cfg.id2label.items()}}
 
 
 def from_pretrained(name_or_path: str | Path, revision: str | None = None, backend: str = "auto",
@@ -1159,20 +1137,32 @@ def from_pretrained(name_or_path: str | Path, revision: str | None = None, backe
     # a file may lack the BN step counters (unused in eval) and num_points_scale (1/n_l, built at init)
     common.load_weights(model, common.weight_files(folder), key_map,
                         optional=lambda name: name.endswith((".num_batches_tracked", ".num_points_scale")))
-    model.input_size = read_input_size(folder)
-    model.name_or_path, model.revision = str(name_or_path), revision
+    f = folder / "preprocessor_config.json"  # the (height, width) it resizes to; 640x640 where the folder has none
+    size = common.read_json(f).get("size", {}) if f.is_file() else {}
+    h, w = size.get("height", INPUT_SIZE[0]), size.get("width", INPUT_SIZE[1])
+    if h % 32 or w % 32:
+        raise common.LoadError(f"{f} resizes to {h}x{w}; D-FINE needs multiples of 32")
+    model.input_size, model.name_or_path, model.revision = (h, w), str(name_or_path), revision
     return model.eval()
 
 
 def save_pretrained(model: DFine, folder: str | Path) -> None:
-    """Write config.json, model.safetensors and preprocessor_config.json (the model's input size) to `folder`."""
+    """Write config.json (the backbone's fields nested under backbone_config), model.safetensors and
+    preprocessor_config.json (the model's input size) to `folder`."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    cfg, folder = model.cfg, Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {checkpoint_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
+    flat = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "id2label"}
+    backbone = {k: flat.pop(k) for k in BACKBONE_FIELDS}
+    backbone.update(model_type="hgnet_v2", out_features=[STAGE_NAMES[i] for i in backbone["out_indices"]],
+                    hidden_sizes=backbone["stage_out_channels"])  # transformers takes the channels from these
+    config = {"model_type": "d_fine", "architectures": ["DFineForObjectDetection"], **flat, "backbone_config": backbone,
+              "id2label": {str(k): v for k, v in cfg.id2label.items()},
+              "label2id": {v: k for k, v in cfg.id2label.items()}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     h, w = model.input_size
     pre = {"image_processor_type": "RTDetrImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False, "do_pad": False}
