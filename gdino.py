@@ -1073,18 +1073,17 @@ def encode_image(model: GroundingDino, image, size: tuple[int, int] | None = Non
 def detect(model: GroundingDino, images, prompts=None, threshold: float = 0.25, text_threshold: float = 0.25,
            size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
            class_agnostic: bool = False) -> dict | list[dict]:
-    """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts) -> per image
-    {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)} as transformers gives them, plus
-    "label_ids": each box's best-scoring label in the prompt (a class id). float32 whatever the model's dtype.
-    size: (shortest, longest) resize edges (None: the checkpoint's). nms: an IoU above which a box is dropped for a
-    better one of its label (of any label with class_agnostic); top_k: keep the k best; either sorts by score.
-    prompts None: a fine-tuned model's classes.
+    """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts; None: a fine-tuned
+    model's classes) -> per image {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)} as transformers
+    gives them, plus "label_ids": each box's best-scoring label in the prompt (a class id); float32 whatever the
+    model's dtype. size: (shortest, longest) resize edges (None: the checkpoint's). nms: an IoU above which a box is
+    dropped for a better one of its label (of any label with class_agnostic); top_k: keep the k best; either sorts
+    by score.
 
     Images run one at a time: in a padded batch Swin sees the padding zeros (it has no padding mask) and the
     fusion's global max spans the batch, so a padded image's outputs would change (in transformers too). A prompt
     over max_text_len tokens is split into chunks of whole labels; the backbone runs once for all of them. Only the
-    backbone and BERT can be reused: the feature enhancer mixes the text into the image tokens.
-    """
+    backbone and BERT can be reused: the feature enhancer mixes the text into the image tokens."""
     threshold = check_threshold("threshold", threshold)
     text_threshold = check_threshold("text_threshold", text_threshold)
     prompts = class_names(model) if prompts is None else prompts
@@ -1180,13 +1179,11 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torc
                  threshold: float = 0.25, text_threshold: float = 0.25,
                  target_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
     """Raw outputs -> per image {"scores" (n,), "boxes" (n, 4) xyxy, "labels" [n phrase strings], "label_ids" (n,)}.
-
     score = max over the prompt's tokens of sigmoid(logit); a query is kept when score > threshold, in query order,
     without NMS or clipping; boxes scaled by the original (h, w) if given. A label is the prompt's tokens above
     text_threshold, as transformers: without column 0 ([CLS]) and columns from max_text_len - 1 on, '.' and [SEP]
     kept ('cat. [SEP]'); no detections give no labels (transformers: one empty label). In float32: bfloat16 would
-    round the boxes once more to 8 significant bits (between 512 and 1024 pixels, onto a multiple of 4).
-    """
+    round the boxes once more to 8 significant bits (between 512 and 1024 pixels, onto a multiple of 4)."""
     probs = torch.sigmoid(logits.float())  # (B, Q, max_text_len)
     scores = torch.max(probs, dim=-1)[0]  # (B, Q)
     boxes = center_to_corners(pred_boxes.float())  # (B, Q, 4) xyxy in [0, 1]
@@ -1307,44 +1304,29 @@ def checkpoint_key(name: str) -> str:
     return rename(name, [(ours, theirs) for theirs, ours in KEY_TABLE])
 
 
-def config_json(cfg: GroundingDinoConfig) -> dict:
-    """The config as a Hub config.json (backbone_config and text_config nested, unset head-sharing flags left out)."""
-    top = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("backbone", "text")}
-    arch = "MMGroundingDinoForObjectDetection" if cfg.is_mm else "GroundingDinoForObjectDetection"
-    return {"architectures": [arch],
-            **{k: v for k, v in top.items() if v is not None},
-            **({"label2id": {v: k for k, v in cfg.id2label.items()}} if cfg.id2label else {}),
-            "backbone_config": {"model_type": "swin", **asdict(cfg.backbone)},
-            "text_config": {"model_type": "bert", **asdict(cfg.text)}}
-
-
 def save_pretrained(model: GroundingDino, folder: str | Path) -> None:
-    """Write config.json, model.safetensors (transformers' key names), tokenizer.json and preprocessor_config.json
-    (the model's resize and normalisation) to `folder`: what from_pretrained, and transformers, read."""
+    """Write config.json (backbone_config and text_config nested, unset head-sharing flags left out),
+    model.safetensors (transformers' key names), tokenizer.json and preprocessor_config.json (the model's resize and
+    normalisation) to `folder`: what from_pretrained, and transformers, read."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    cfg, p, folder = model.cfg, model.preprocessor, Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {checkpoint_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2) + "\n")
+    top = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("backbone", "text")}
+    arch = "MMGroundingDinoForObjectDetection" if cfg.is_mm else "GroundingDinoForObjectDetection"
+    config = {"architectures": [arch], **{k: v for k, v in top.items() if v is not None},
+              **({"label2id": {v: k for k, v in cfg.id2label.items()}} if cfg.id2label else {}),
+              "backbone_config": {"model_type": "swin", **asdict(cfg.backbone)},
+              "text_config": {"model_type": "bert", **asdict(cfg.text)}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model.tokenizer.save(str(folder / "tokenizer.json"))
-    p = model.preprocessor
     pre = {"image_processor_type": "GroundingDinoImageProcessor", "processor_class": "GroundingDinoProcessor",
            "do_resize": True, "size": {"shortest_edge": p["shortest"], "longest_edge": p["longest"]}, "resample": 2,
            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p["mean"]),
            "image_std": list(p["std"]), "do_pad": True}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-
-
-def read_preprocessor(folder: Path) -> dict:
-    """preprocessor_config.json's resize and normalisation, the Hub's defaults for what it leaves out (or lacks)."""
-    f = folder / "preprocessor_config.json"
-    c = common.read_json(f) if f.is_file() else {}
-    size = c.get("size") or {}
-    return {"shortest": size.get("shortest_edge", SHORTEST_EDGE),
-            "longest": size.get("longest_edge", c.get("max_size", LONGEST_EDGE)),
-            "mean": tuple(c.get("image_mean", IMAGENET_MEAN)), "std": tuple(c.get("image_std", IMAGENET_STD))}
 
 
 def header_shapes(files: Sequence[Path]) -> dict[str, tuple]:
@@ -1401,7 +1383,13 @@ def from_pretrained(name_or_path: str | Path, revision: str | None = None, backe
             head.bias = nn.Parameter(torch.zeros(1))
     common.load_weights(model, files, key_map_for(cfg))
     model.tokenizer = load_tokenizer(folder)
-    model.preprocessor = read_preprocessor(folder)
+    f = folder / "preprocessor_config.json"  # resize and normalisation; the Hub's defaults for what it leaves out
+    pre = common.read_json(f) if f.is_file() else {}
+    size = pre.get("size") or {}
+    model.preprocessor = {"shortest": size.get("shortest_edge", SHORTEST_EDGE),
+                          "longest": size.get("longest_edge", pre.get("max_size", LONGEST_EDGE)),
+                          "mean": tuple(pre.get("image_mean", IMAGENET_MEAN)),
+                          "std": tuple(pre.get("image_std", IMAGENET_STD))}
     model.name_or_path, model.revision = str(name_or_path), revision
     return model.eval()
 
@@ -1542,14 +1530,13 @@ def init_weights(model: GroundingDino) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, DeformableAttention):
-            nn.init.zeros_(m.sampling_offsets.weight)
             theta = torch.arange(m.heads, dtype=torch.float32) * (2 * math.pi / m.heads)
             ring = torch.stack([theta.cos(), theta.sin()], -1)  # (nH, 2): one direction per head
             ring = ring / ring.abs().max(-1, keepdim=True)[0]  # onto the square's border
             grid = ring[:, None, None, :] * torch.arange(1, m.points + 1, dtype=torch.float32)[None, None, :, None]
             m.sampling_offsets.bias.copy_(grid.expand(-1, m.levels, -1, -1).reshape(-1))  # point k at k+1 pixels
-            nn.init.zeros_(m.attention_weights.weight)
-            nn.init.zeros_(m.attention_weights.bias)
+            for t in (m.sampling_offsets.weight, m.attention_weights.weight, m.attention_weights.bias):
+                t.zero_()
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02 if name.startswith("text_backbone.") else 1.0)
         elif isinstance(m, SwinBlock):
@@ -1558,8 +1545,7 @@ def init_weights(model: GroundingDino) -> None:
         nn.init.xavier_uniform_(seq[0].weight)
         nn.init.zeros_(seq[0].bias)
     for mlp in [model.encoder_output_bbox_embed, *model.bbox_embed]:
-        nn.init.zeros_(mlp.layers[-1].weight)
-        nn.init.zeros_(mlp.layers[-1].bias)
+        mlp.layers[-1].weight.zero_(), mlp.layers[-1].bias.zero_()
     nn.init.normal_(model.level_embed)
     class_prior(model)
 
@@ -1696,11 +1682,9 @@ def main(argv: list[str] | None = None) -> int:
         common.status(f"{len(rows)} detections in {seconds:.1f} s")
 
     def stages():  # the first chunk's, for a prompt over max_text_len tokens
-        enc = model.encode_image(image, size)
-        tok = tokenize(model.tokenizer, chunk_prompt(model.tokenizer, prompt, model.cfg.max_text_len)[:1])
+        enc, tok = model.encode_image(image, size), model.encode_prompt(prompt).tokens[0]
         with torch.inference_mode():
-            out = model(enc.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
-                        enc.pixel_mask, return_stages=True, backbone_maps=enc.maps)
+            out = model(enc.pixel_values, **tok, pixel_mask=enc.pixel_mask, return_stages=True, backbone_maps=enc.maps)
         return {"pixel_values": enc.pixel_values, "input_ids": tok["input_ids"], **out.stages}, enc.pixel_values
 
     common.write_cli_outputs(args, image, rows, stages, model.export_onnx)
