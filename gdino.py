@@ -29,8 +29,10 @@ Stages, in the order `forward` runs them (section numbers are the notebook's):
                         post-processing as post_process_grounded_object_detection
  11. loading, saving    one key table read both ways (Hub and transformers 5.x names), from_pretrained, save_pretrained
  12. training           label maps from the prompt, Hungarian matching, focal/L1/GIoU set loss; init from scratch
- 13. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
- 14. command line
+ 13. fast inference     an option: the bi-attention's projections folded into the text side, the FFN in row
+                        blocks; not bit-exact (off by default)
+ 14. ONNX export        model.export_onnx(path): dynamic batch, image size and prompt length
+ 15. command line
 
 Shapes: B batch, S image tokens (all levels), T text tokens, Q queries (900), L levels, P sampling points per
 level, nH heads, hD head dim, C channels, N tokens in a Swin window (ws * ws).
@@ -1618,7 +1620,56 @@ def train(coco: str, images: str, init: str, out: str, steps: int, batch: int = 
 
 
 # -----------------------------------------------------------------------------
-# 13. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
+# 13. Fast inference: an option applied to a loaded model, not the reference
+#
+# fast_inference(model): the same sums in another order, so other rounding. The bi-attention folds its weights into
+# the text side (q.k = v.(Wq^T k) + bq.k; sum_h P_h (vt_h Wo_h^T); (P v) Wv^T + bv, rows of P summing to 1) and never
+# forms its (S, width) projections; the deformable layer runs in blocks of ROWS image tokens after the value map, so
+# its temporaries (the FFN's (ROWS, 2048)) stay in cache, where (S, 2048) ones fault in fresh pages every layer.
+ROWS = 2048
+
+
+class FastBiAttention(BiAttention):
+    def forward(self, v, t, img_pad, txt_pad):
+        (B, S, d), T, nH, hD = v.shape, t.shape[1], self.heads, self.hD
+        k = self.text_proj(t).view(B, T, nH, hD) * hD ** -0.5  # (B, T, nH, hD)
+        Wq, bq = self.vision_proj.weight.view(nH, hD, d), self.vision_proj.bias.view(nH, hD)
+        M = torch.einsum("hed,bthe->bdht", Wq, k).flatten(2)  # (B, d, nH*T): the queries' weights times the keys
+        A = (v @ M + torch.einsum("he,bthe->bht", bq, k).flatten(1)[:, None]).view(B, S, nH, T).transpose(1, 2)
+        A = torch.clamp(A - A.max(), min=-50000, max=50000)  # (B, nH, S, T): the global max and clamp as BiAttention
+        At = torch.clamp(A.mT - A.mT.amax(-1, keepdim=True), min=-50000, max=50000)  # (B, nH, T, S)
+        Pt = At.masked_fill(img_pad[:, None, None, :], float("-inf")).softmax(-1)  # (B, nH, T, S)
+        Pv = A.masked_fill(txt_pad[:, None, None, :], float("-inf")).softmax(-1)  # (B, nH, S, T)
+        vt = self.values_text_proj(t).view(B, T, nH, hD)  # (B, T, nH, hD)
+        Z = torch.einsum("bthe,dhe->bhtd", vt, self.out_vision_proj.weight.view(d, nH, hD))  # (B, nH, T, d)
+        dv = Pv.transpose(1, 2).reshape(B, S, nH * T) @ Z.reshape(B, nH * T, d) + self.out_vision_proj.bias
+        Y = (Pt.reshape(B, nH * T, S) @ v).view(B, nH, T, d)  # (B, nH, T, d): P v before the value projection
+        Wv, bv = self.values_vision_proj.weight.view(nH, hD, d), self.values_vision_proj.bias.view(nH, hD)
+        dt = torch.einsum("bhtd,hed->bthe", Y, Wv) + bv  # (B, T, nH, hD)
+        return dv, self.out_text_proj(dt.reshape(B, T, nH * hD))  # (B, S, d), (B, T, d)
+
+
+class FastDeformableLayer(DeformableLayer):
+    def forward(self, vision, pos, mask, ref, shapes, backend: str):
+        value = self.self_attn.project_value(vision, mask)  # (B, S, nH, hD): all tokens, before any block reads it
+        out = torch.empty_like(vision)  # (B, S, d)
+        for i in range(0, vision.shape[1], ROWS):  # every step after the value map is per token
+            x, rows = vision[:, i:i + ROWS], slice(i, i + ROWS)  # (B, rows, d)
+            x = self.self_attn_layer_norm(x + self.self_attn(x + pos[:, rows], value, ref[:, rows], shapes, backend))
+            out[:, rows] = self.final_layer_norm(x + self.fc2(F.relu_(self.fc1(x))))
+        return out
+
+
+@torch.no_grad()
+def fast_inference(model: GroundingDino) -> GroundingDino:
+    """The loaded model, changed in place for speed (see above): for inference only, not bit-exact."""
+    for m in model.modules():  # the same parameters, another forward
+        m.__class__ = {BiAttention: FastBiAttention, DeformableLayer: FastDeformableLayer}.get(type(m), type(m))
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# 14. ONNX export: the forward as a graph (five inputs -> logits, pred_boxes), post-processing left outside
 #
 # Batch, prompt length (up to max_text_len) and image size stay dynamic (level_sizes keeps the map sizes traced),
 # unless export_onnx is given image_size, which fixes height and width for runtimes that want static shapes.
@@ -1649,7 +1700,7 @@ GroundingDino.export_onnx = export_onnx  # a method of the model, defined here t
 
 
 # -----------------------------------------------------------------------------
-# 14. Command line
+# 15. Command line
 
 
 def main(argv: list[str] | None = None) -> int:
