@@ -28,6 +28,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -620,6 +621,7 @@ class OnnxModel:
 
         if not Path(path).is_file():
             raise InputError(f"no ONNX file {path}")
+        self.path = Path(path)
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.metadata = self.session.get_modelmeta().custom_metadata_map
@@ -649,6 +651,17 @@ class OnnxModel:
                     raise InputError(f"{name} has {dim} {got} where another input has {sizes[dim]}")
         outs = self.session.run(None, feed)
         return {o.name: torch.from_numpy(v) for o, v in zip(self.session.get_outputs(), outs)}
+
+
+def run_engine(engine: OnnxModel, model_type: str, **inputs) -> SimpleNamespace:
+    """An exported file in place of a model's forward (detect's engine=), checked to be an export of that kind of
+    model: -> .logits, .pred_boxes for the model's own post-processing."""
+    if not isinstance(engine, OnnxModel):
+        raise InputError(f"engine must be a common.OnnxModel(path) of an exported file, got {type(engine).__name__}")
+    if engine.metadata.get("model_type") != model_type:
+        raise InputError(f"{engine.path} is not a {model_type} export (it says model_type "
+                         f"{engine.metadata.get('model_type')!r}): write one with model.export_onnx(path)")
+    return SimpleNamespace(**engine(**inputs))
 
 
 # -----------------------------------------------------------------------------

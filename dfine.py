@@ -782,17 +782,19 @@ class DFine(nn.Module):
 
 @torch.inference_mode()
 def detect(model: DFine, images, threshold: float = 0.5, nms: float | None = None, top_k: int | None = None,
-           class_agnostic: bool = False) -> list[dict]:
+           class_agnostic: bool = False, engine: common.OnnxModel | None = None) -> list[dict]:
     """Images (paths, URLs, PIL images or arrays; any sizes) -> per image scores, labels, names, xyxy boxes.
     nms: an IoU above which a box is dropped for a better one of the same class (of any class with
     class_agnostic, which also merges one query's several labels), common.nms; top_k: keep the k best.
-    Both None (the default): transformers' post-processing as is."""
+    Both None (the default): transformers' post-processing as is. engine: common.OnnxModel(path) of this model's
+    export runs the forward in onnxruntime instead (same preprocessing and post-processing)."""
     common.check_threshold("threshold", threshold)
     images = [common.load_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
     if not images:
         raise InputError("detect got no images; pass one or more paths, URLs, PIL images or arrays")
     weight = model.enc_score_head.weight
-    out = model(preprocess(images, model.input_size).to(weight.device, weight.dtype))
+    px = preprocess(images, model.input_size).to(weight.device, weight.dtype)  # (B, 3, H, W)
+    out = model(px) if engine is None else common.run_engine(engine, "d-fine", pixel_values=px)
     # in float32 whatever the model's dtype: pixels in bf16 would round once more (to 4 px between 512 and 1024)
     results = postprocess(out.logits.float(), out.pred_boxes.float(), [im.size[::-1] for im in images],
                           threshold, model.cfg.id2label)
@@ -1254,8 +1256,8 @@ def export_onnx(model: DFine, path: str | Path, image_size: tuple[int, int] | No
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     dynamic = {"pixel_values": {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"}}
     hint = f"Resize to {h}x{w}, or export again with image_size=None (any multiple of 32)."
-    common.export_onnx(model, [example], path, ["pixel_values"], dynamic,
-                       {"model": getattr(model, "name_or_path", ""), "size_multiple": 32, "fixed": hint})
+    common.export_onnx(model, [example], path, ["pixel_values"], dynamic, {"model": getattr(model, "name_or_path", ""),
+                       "model_type": "d-fine", "size_multiple": 32, "fixed": hint})
 
 
 DFine.export_onnx = export_onnx  # a method of the model, defined here to keep the export in its own section

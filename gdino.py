@@ -1051,36 +1051,38 @@ def resize_edges(model: GroundingDino, size: tuple[int, int] | None) -> tuple[in
 
 
 @torch.inference_mode()
-def encode_prompt(model: GroundingDino, prompt: str | Sequence[str]) -> EncodedPrompt:
+def encode_prompt(model: GroundingDino, prompt: str | Sequence[str], run_text: bool = True) -> EncodedPrompt:
     """The text branch (tokens, BERT, projection) of one prompt, for detect to take in place of the prompt."""
     dev = model.level_embed.device
     chunks = chunk_prompt(model.tokenizer, prompt, model.cfg.max_text_len)
     tokens = [{k: v.to(dev) for k, v in tokenize(model.tokenizer, [c]).items()} for c in chunks]
-    text = [model.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"]) for t in tokens]
+    text = [model.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"]) if run_text else None
+            for t in tokens]
     return EncodedPrompt(tokens, text, [len(split_phrases(c)) for c in chunks])
 
 
 @torch.inference_mode()
-def encode_image(model: GroundingDino, image, size: tuple[int, int] | None = None) -> EncodedImage:
+def encode_image(model: GroundingDino, image, size: tuple[int, int] | None = None, backbone=True) -> EncodedImage:
     """The preprocessing and backbone of one image, for detect to take in place of the image; size as detect's."""
     resize = resize_edges(model, size)
     pixel_values, pixel_mask, sizes = preprocess_images([image], *resize, model.preprocessor["mean"],
                                                         model.preprocessor["std"])
     pixel_values = pixel_values.to(model.level_embed.device, model.level_embed.dtype)  # the model's dtype
     return EncodedImage(pixel_values, pixel_mask.to(pixel_values.device), sizes[0], resize,
-                        model.backbone(pixel_values))
+                        model.backbone(pixel_values) if backbone else None)
 
 
 @torch.inference_mode()
 def detect(model: GroundingDino, images, prompts=None, threshold: float = 0.25, text_threshold: float = 0.25,
            size: tuple[int, int] | None = None, nms: float | None = None, top_k: int | None = None,
-           class_agnostic: bool = False) -> dict | list[dict]:
+           class_agnostic: bool = False, engine: common.OnnxModel | None = None) -> dict | list[dict]:
     """Images (path, URL, PIL, array, EncodedImage; or a list) and prompts (or EncodedPrompts; None: a fine-tuned
     model's classes) -> per image {"scores", "boxes" (xyxy, original pixels), "labels" (phrase text)} as transformers
     gives them, plus "label_ids": each box's best-scoring label in the prompt (a class id); float32 whatever the
     model's dtype. size: (shortest, longest) resize edges (None: the checkpoint's). nms: an IoU above which a box is
     dropped for a better one of its label (of any label with class_agnostic); top_k: keep the k best; either sorts
-    by score.
+    by score. engine: common.OnnxModel(path) of this model's export runs the forward (the backbone and BERT too) in
+    onnxruntime, with the same preprocessing and post-processing.
 
     Images run one at a time: in a padded batch Swin sees the padding zeros (it has no padding mask) and the
     fusion's global max spans the batch, so a padded image's outputs would change (in transformers too). A prompt
@@ -1099,15 +1101,16 @@ def detect(model: GroundingDino, images, prompts=None, threshold: float = 0.25, 
     for img, prompt in zip(images, prompts_per_image(prompts, len(images))):
         if not isinstance(prompt, EncodedPrompt):
             if id(prompt) not in encoded:
-                encoded[id(prompt)] = encode_prompt(model, prompt)
+                encoded[id(prompt)] = encode_prompt(model, prompt, run_text=engine is None)
             prompt = encoded[id(prompt)]
         if isinstance(img, EncodedImage) and size is not None and img.resize != resize:
             raise InputError(f"the image was encoded at size {img.resize}, detect was asked for {resize}")
-        img = img if isinstance(img, EncodedImage) else encode_image(model, img, resize)
+        img = img if isinstance(img, EncodedImage) else encode_image(model, img, resize, backbone=engine is None)
         parts, offset = [], 0
         for tok, text, n_labels in zip(prompt.tokens, prompt.text, prompt.labels):
             out = model(img.pixel_values, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
-                        img.pixel_mask, backbone_maps=img.maps, text=text)
+                        img.pixel_mask, backbone_maps=img.maps, text=text) if engine is None else common.run_engine(
+                engine, "grounding-dino", pixel_values=img.pixel_values, pixel_mask=img.pixel_mask, **tok)
             part = post_process(out.logits, out.pred_boxes, tok["input_ids"], model.tokenizer, threshold,
                                 text_threshold, [img.size])[0]
             part["label_ids"] = part["label_ids"] + offset  # ids into the whole label list, not the chunk
@@ -1691,7 +1694,8 @@ def export_onnx(model: GroundingDino, path: str | Path, image_size: tuple[int, i
                **{k: {0: "batch", 1: "tokens"} for k in ONNX_INPUTS[1:4]}}
     hint = (f"Pad to {h}x{w} with pixel_mask 0 on the padding, or export again with image_size=None (any size) "
             f"or the size of your pixel_values.")
-    meta = {"model": getattr(model, "name_or_path", ""), "fixed": hint, "max_tokens": model.cfg.max_text_len,
+    meta = {"model": getattr(model, "name_or_path", ""), "model_type": "grounding-dino", "fixed": hint,
+            "max_tokens": model.cfg.max_text_len,
             "max_tokens_hint": "Split long label lists with gdino.chunk_prompt, as detect does."}
     common.export_onnx(model, args, path, ONNX_INPUTS, dynamic, meta)
 

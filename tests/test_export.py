@@ -122,6 +122,22 @@ def test_dfine_onnx_matches_forward(dfine_export):
         assert n >= 5
 
 
+def assert_found_again(ref: dict, got: dict, label_key: str) -> int:
+    """Every reference detection has one of the same label with IoU >= 0.99 among got's."""
+    iou = common.box_iou(ref["boxes"], got["boxes"])[0]  # (n_ref, n_got)
+    same = torch.tensor([[str(a) == str(b) for b in got[label_key]] for a in ref[label_key]]).reshape(iou.shape)
+    assert ((iou >= 0.99) & same).any(1).all(), iou.max(1).values
+    return len(ref["boxes"])
+
+
+def test_dfine_detect_through_onnxruntime(dfine_export):
+    """detect(..., engine=): onnxruntime runs the forward, detect's pre- and post-processing stay: the same 20 best."""
+    model, photos, *_, onnx_model = dfine_export
+    for ref, got in zip(model.detect(photos, threshold=0.0, top_k=20),
+                        model.detect(photos, threshold=0.0, top_k=20, engine=onnx_model)):
+        assert set(got) == set(ref) and assert_found_again(ref, got, "labels") == 20
+
+
 def test_dfine_onnx_refuses_what_forward_refuses(dfine_export):
     onnx_model = dfine_export[-1]
     with pytest.raises(InputError, match="multiple of 32"):
@@ -150,6 +166,8 @@ def test_dfine_fixed_size_graph_refuses_another_size(tmp_path):
     assert match_queries(ref.logits, ref.pred_boxes, out["logits"], out["pred_boxes"])[0] <= ATOL  # traced in eval
     with pytest.raises(InputError, match=r"takes only size 320 in dimension 2.*Resize to 320x320"):
         onnx_model(pixel_values=torch.rand(1, 3, 640, 320))
+    with pytest.raises(InputError, match=r"takes only size 320 in dimension 2.*export again"):
+        model.detect(DATA / PHOTOS[0], engine=onnx_model)  # detect preprocesses at the model's 640x640
 
 
 # -----------------------------------------------------------------------------
@@ -217,6 +235,25 @@ def test_gdino_onnx_refuses_bad_inputs(gdino_export):
     long = {k: torch.ones(1, 257, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
     with pytest.raises(InputError, match="257 tokens; the graph reads at most 256"):
         onnx_model(**{**batches[1], **long})
+
+
+def test_gdino_detect_through_onnxruntime(gdino_export):
+    model, *_, onnx_model, fixed = gdino_export
+    image = DATA / PHOTOS[1 if fixed else 0]  # the fixed graph's 320x481 is chelsea's size
+    prompt = "a cat. a remote control. a sofa."
+    ref = model.detect(image, prompt, threshold=0.0, text_threshold=0.0, top_k=20)
+    got = model.detect(image, prompt, threshold=0.0, text_threshold=0.0, top_k=20, engine=onnx_model)
+    assert set(got) == set(ref) and assert_found_again(ref, got, "labels") == 20
+
+
+def test_an_engine_of_another_model_is_refused(dfine_export, gdino_export):
+    (dfine_model, dfine_onnx), (gdino_model, gdino_onnx) = dfine_export[::5], gdino_export[0:6:5]
+    with pytest.raises(InputError, match="is not a d-fine export .*'grounding-dino'.*export_onnx"):
+        dfine_model.detect(DATA / PHOTOS[0], engine=gdino_onnx)
+    with pytest.raises(InputError, match="is not a grounding-dino export .*'d-fine'"):
+        gdino_model.detect(DATA / PHOTOS[0], "a cat.", engine=dfine_onnx)
+    with pytest.raises(InputError, match="engine must be a common.OnnxModel"):
+        dfine_model.detect(DATA / PHOTOS[0], engine=str(dfine_onnx.path))
 
 
 def test_dfine_command_line_exports(tmp_path, capsys):
