@@ -309,8 +309,9 @@ def ms_deform_attn(value, spatial_shapes, points_per_level, sampling_locations, 
     if value.dtype in (torch.bfloat16, torch.float16):
         return ms_deform_attn(value.float(), spatial_shapes, points_per_level, sampling_locations.float(),
                               attention_weights.float(), backend).to(value.dtype)
-    # a traced graph (ONNX export) holds the readable version's operations, whatever the model's backend
-    if torch.jit.is_tracing() or resolve_backend(backend, value.device) == "torch":
+    # a traced or compiled graph (ONNX export, torch.compile) holds the readable version's operations, whatever the
+    # model's backend: the Numba kernel is opaque to both
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or resolve_backend(backend, value.device) == "torch":
         return ms_deform_attn_torch(value, spatial_shapes, points_per_level, sampling_locations, attention_weights)
     import kernels  # imported on first use: numba takes a second to import and the readable path needs none
 

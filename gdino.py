@@ -197,6 +197,7 @@ class SpecialTokens:
         return self.cls, self.sep, self.dot, self.question
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads the ids once, not the tokenizer in the graph
 def special_tokens(tokenizer) -> SpecialTokens:
     if tokenizer is None:
         raise InputError("the model has no tokenizer; set model.tokenizer = gdino.load_tokenizer(FOLDER)")

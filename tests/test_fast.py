@@ -63,3 +63,26 @@ def test_gdino_fast_finds_the_default_top20_on_the_tiny_test_weights():
     assert iou.max(1).values.min() >= 0.99, iou.max(1).values
     assert (ref.logits - got.logits)[torch.isfinite(ref.logits)].abs().max() > 0  # another path, not the default's
 
+
+
+def test_torch_compile_sees_each_forward_as_one_graph():
+    """torch.compile(model) traces forward whole (fullgraph: a graph break would raise): the Numba kernel is left
+    out of the graph for the readable deformable attention and the tokenizer's ids are read once, as constants.
+    Dynamo's own "eager" backend runs the traced graph op for op, so it gives the eager model's bits."""
+    import dfine
+    from dfine_reference import checkpoint
+
+    torch._dynamo.reset()
+    model = dfine.DFine.from_pretrained(checkpoint("n"))
+    px = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = model(px), torch.compile(model, backend="eager", fullgraph=True)(px)
+    assert torch.equal(ref.logits, got.logits) and torch.equal(ref.pred_boxes, got.pred_boxes)
+    size = {"shortest_edge": 320, "longest_edge": 533}  # the tests' small checkpoint, as tests/test_gdino.py builds it
+    folder = R.checkpoint("gdino-small", R.small_config(), temper=True, size=size)
+    model = gdino.GroundingDino.from_pretrained(folder)
+    pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS], 320, 533)
+    inputs = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, **gdino.tokenize(model.tokenizer, ["a cat."])}
+    with torch.no_grad():
+        ref, got = model(**inputs), torch.compile(model, backend="eager", fullgraph=True)(**inputs)
+    assert torch.equal(ref.logits, got.logits) and torch.equal(ref.pred_boxes, got.pred_boxes)
