@@ -617,13 +617,14 @@ class OnnxModel:
 
     DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int = 0):
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise InputError(f"no ONNX file {path}")
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.path, options = Path(path), ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per physical core
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.multiple = int(self.metadata.get("size_multiple", 1))

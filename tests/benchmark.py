@@ -15,6 +15,11 @@ encode_image / encode_prompt. `--bf16-rss`: our peak RSS in float32 and in bfloa
 numba|torch` for ours, `--dtype`): the GPU rows, TF32 off (tests/gpu_check.sh runs them). `--kernels`: the
 deformable attention alone at the models' shapes, the readable version (common.py) against kernels.py's Numba kernels,
 forward and forward + backward, on the CPU and on CUDA where there is one.
+`--engines`: D-FINE N and L at 640x640 and Grounding DINO tiny at 800x1066 (the cats photo, the test weights) through
+each engine a user can pick: ours (default), ours after fast_inference (fast), torch.compile of ours (compiled,
+inductor; the first call, which compiles, reported apart), our ONNX export (fixed to the input's size) in onnxruntime
+with one intra-op thread per core, and transformers. Each engine runs alone in a fresh process (its peak RSS is that
+process's), one after another: an untimed first call, then --runs timed ones; ratios are to transformers' median.
 """
 from __future__ import annotations
 
@@ -315,6 +320,86 @@ def print_table(rows: list[dict]) -> None:
 
 
 # -----------------------------------------------------------------------------
+# --engines: each engine alone in a fresh process: build, a first call (compiles), timed runs, peak RSS
+
+ENGINES = ["default", "fast", "compiled", "onnxruntime", "transformers"]
+
+
+def engine_inputs(name: str) -> dict:
+    """The forward's inputs by name, as case() builds them: the cats photo, 640x640 or resized to 800x1066."""
+    import dfine
+    import gdino
+    import gdino_reference as R
+    from conftest import hub_config
+
+    if name.startswith("dfine-"):
+        return {"pixel_values": dfine.preprocess([common.load_image(CATS)])}
+    tokenizer = gdino.load_tokenizer(R.checkpoint(name, hub_config(GDINO_CONFIGS[name]), hub_layout=True))
+    pixel_values, pixel_mask, _ = gdino.preprocess_images([CATS], 800, 1333)
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, **gdino.tokenize(tokenizer, [PROMPT])}
+
+
+def export_child(name: str, path: str) -> None:
+    ours = case(name, build=("ours",))[0]
+    ours.export_onnx(path, tuple(engine_inputs(name)["pixel_values"].shape[-2:]))
+
+
+def engine_child(name: str, engine: str, onnx_path: str, runs: int) -> None:
+    """Build only `engine`, call it once (timed apart: compiling happens there), then `runs` times; print JSON."""
+    import dfine
+    import gdino
+
+    if engine == "onnxruntime":
+        model, inputs = common.OnnxModel(onnx_path, threads=os.cpu_count()), engine_inputs(name)
+        fn = lambda: model(**inputs)  # noqa: E731
+    else:
+        ours, run_ours, run_theirs, _ = case(name, build=("theirs",) if engine == "transformers" else ("ours",))
+        fn = run_theirs if engine == "transformers" else run_ours
+        if engine == "fast":
+            (dfine if name.startswith("dfine-") else gdino).fast_inference(ours)  # in place: run_ours runs it
+        if engine == "compiled":
+            ours.forward = torch.compile(ours.forward)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t
+        times = timed([fn], runs)[0]
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    print(json.dumps({"first_s": first, "s": statistics.median(times), "min": min(times), "max": max(times),
+                      "rss_mb": int(hwm.split()[1]) / 1024}))
+
+
+def child(*args: str) -> dict | None:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else None
+
+
+def bench_engines(names: list[str], engines: list[str], runs: int) -> list[dict]:
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path = str(Path(tmp) / f"{name}.onnx")
+            if "onnxruntime" in engines:
+                child("--export-child", name, path)
+            rows += [{"model": name, "engine": e, **child("--engine-child", name, e, path, str(runs))} for e in engines]
+    print(f"\nengines: torch {torch.__version__}, {torch.get_num_threads()} threads, onnxruntime on {os.cpu_count()}, "
+          f"float32, batch 1, median of {runs} runs after a first call, each engine alone in a fresh process, load "
+          f"average {os.getloadavg()[0]:.1f}")
+    print(f"{'model':<12} {'engine':<13} {'s (min-max)':>22} {'x transformers':>15} {'first call s':>13} "
+          f"{'peak RSS MB':>12}")
+    for r in rows:
+        base = next((b["s"] for b in rows if b["model"] == r["model"] and b["engine"] == "transformers"), None)
+        ratio = f"{r['s'] / base:.2f}" if base else "-"
+        print(f"{r['model']:<12} {r['engine']:<13} {r['s']:>8.3f} ({r['min']:.3f}-{r['max']:.3f}) {ratio:>15} "
+              f"{r['first_s']:>13.1f} {r['rss_mb']:>12.0f}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # --kernels: the deformable attention alone, the readable version (common.py) and kernels.py's Numba kernels
 
 KERNEL_SHAPES = [  # name, spatial shapes, Q, nH, hD, points per level (B = 1 throughout)
@@ -402,6 +487,10 @@ def main() -> int:
     ap.add_argument("--backend", default="auto", choices=common.BACKENDS, help="our deformable attention's")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--engines", action="store_true", help="only the engines: default, fast, compiled, onnxruntime, "
+                    "transformers on dfine-n, dfine-l, gdino-tiny (--quick: dfine-n without compiled, 1 run)")
+    ap.add_argument("--engine-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEVICE, BACKEND, DTYPE
     DEVICE, BACKEND, DTYPE = torch.device(args.device), args.backend, getattr(torch, args.dtype)
@@ -411,6 +500,20 @@ def main() -> int:
         return 0
     if args.kernels:
         bench_kernels(args.runs)
+        return 0
+    if args.export_child:
+        export_child(*args.export_child)
+        return 0
+    if args.engine_child:
+        engine_child(*args.engine_child[:3], int(args.engine_child[3]))
+        return 0
+    if args.engines:
+        quick = args.quick
+        engines = [e for e in ENGINES if e != "compiled"] if quick else ENGINES
+        rows = bench_engines(["dfine-n"] if quick else args.models or ["dfine-n", "dfine-l", "gdino-tiny"], engines,
+                             1 if quick else args.runs)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
     if args.quick or args.reuse:
         reuse = reuse_rows("gdino-small", 2, 1) if args.quick else [
