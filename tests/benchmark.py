@@ -18,8 +18,9 @@ forward and forward + backward, on the CPU and on CUDA where there is one.
 `--engines`: D-FINE N and L at 640x640 and Grounding DINO tiny at 800x1066 (the cats photo, the test weights) through
 each engine a user can pick: ours (default), ours after fast_inference (fast), torch.compile of ours (compiled,
 inductor; the first call, which compiles, reported apart), our ONNX export (fixed to the input's size) in onnxruntime
-with one intra-op thread per core, and transformers. Each engine runs alone in a fresh process (its peak RSS is that
-process's), one after another: an untimed first call, then --runs timed ones; ratios are to transformers' median.
+with one intra-op thread per core, and transformers. Per model all engines are built in one process and called
+once (timed apart), then --runs turns of one call each; ratios are to transformers' median; each engine's peak RSS
+is that of a fresh process that builds and calls only it (--no-rss skips them).
 """
 from __future__ import annotations
 
@@ -344,29 +345,29 @@ def export_child(name: str, path: str) -> None:
     ours.export_onnx(path, tuple(engine_inputs(name)["pixel_values"].shape[-2:]))
 
 
-def engine_child(name: str, engine: str, onnx_path: str, runs: int) -> None:
-    """Build only `engine`, call it once (timed apart: compiling happens there), then `runs` times; print JSON."""
+def engine_fn(name: str, engine: str, onnx_path: str):
+    """A call of `engine` on the model's input, built alone (a model of its own: fast and compiled change theirs)."""
     import dfine
     import gdino
 
     if engine == "onnxruntime":
         model, inputs = common.OnnxModel(onnx_path, threads=os.cpu_count()), engine_inputs(name)
-        fn = lambda: model(**inputs)  # noqa: E731
-    else:
-        ours, run_ours, run_theirs, _ = case(name, build=("theirs",) if engine == "transformers" else ("ours",))
-        fn = run_theirs if engine == "transformers" else run_ours
-        if engine == "fast":
-            (dfine if name.startswith("dfine-") else gdino).fast_inference(ours)  # in place: run_ours runs it
-        if engine == "compiled":
-            ours.forward = torch.compile(ours.forward)
+        return lambda: model(**inputs)
+    ours, run_ours, run_theirs, _ = case(name, build=("theirs",) if engine == "transformers" else ("ours",))
+    if engine == "fast":
+        (dfine if name.startswith("dfine-") else gdino).fast_inference(ours)  # in place: run_ours runs it
+    if engine == "compiled":
+        ours.forward = torch.compile(ours.forward)
+    return run_theirs if engine == "transformers" else run_ours
+
+
+def engine_child(name: str, engine: str, onnx_path: str) -> None:
+    """Peak RSS of one engine alone: build it, call it twice (the first call compiles), print JSON."""
+    fn = engine_fn(name, engine, onnx_path)
     with torch.inference_mode():
-        t = time.perf_counter()
-        fn()
-        first = time.perf_counter() - t
-        times = timed([fn], runs)[0]
+        fn(), fn()
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-    print(json.dumps({"first_s": first, "s": statistics.median(times), "min": min(times), "max": max(times),
-                      "rss_mb": int(hwm.split()[1]) / 1024}))
+    print(json.dumps({"rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def child(*args: str) -> dict | None:
@@ -376,7 +377,9 @@ def child(*args: str) -> dict | None:
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else None
 
 
-def bench_engines(names: list[str], engines: list[str], runs: int) -> list[dict]:
+def bench_engines(names: list[str], engines: list[str], runs: int, rss: bool) -> list[dict]:
+    """Per model: every engine built in this process and called once (compiling; timed apart), then `runs` turns of
+    one timed call each, in turns (a change in the machine's load hits all alike); peak RSS in fresh processes."""
     import tempfile
 
     rows = []
@@ -385,17 +388,32 @@ def bench_engines(names: list[str], engines: list[str], runs: int) -> list[dict]
             path = str(Path(tmp) / f"{name}.onnx")
             if "onnxruntime" in engines:
                 child("--export-child", name, path)
-            rows += [{"model": name, "engine": e, **child("--engine-child", name, e, path, str(runs))} for e in engines]
+            fns, first = {e: engine_fn(name, e, path) for e in engines}, {}
+            with torch.inference_mode():
+                for e, fn in fns.items():
+                    t = time.perf_counter()
+                    fn()
+                    first[e] = time.perf_counter() - t
+                times = {e: [] for e in engines}
+                for _ in range(runs):
+                    for e, fn in fns.items():
+                        t = time.perf_counter()
+                        fn()
+                        times[e].append(time.perf_counter() - t)
+            del fns
+            rows += [{"model": name, "engine": e, "first_s": first[e], "s": statistics.median(times[e]),
+                      "min": min(times[e]), "max": max(times[e]),
+                      "rss_mb": child("--engine-child", name, e, path)["rss_mb"] if rss else None} for e in engines]
     print(f"\nengines: torch {torch.__version__}, {torch.get_num_threads()} threads, onnxruntime on {os.cpu_count()}, "
-          f"float32, batch 1, median of {runs} runs after a first call, each engine alone in a fresh process, load "
-          f"average {os.getloadavg()[0]:.1f}")
+          f"float32, batch 1, median of {runs} turns after a first call, load average {os.getloadavg()[0]:.1f}")
     print(f"{'model':<12} {'engine':<13} {'s (min-max)':>22} {'x transformers':>15} {'first call s':>13} "
           f"{'peak RSS MB':>12}")
     for r in rows:
         base = next((b["s"] for b in rows if b["model"] == r["model"] and b["engine"] == "transformers"), None)
         ratio = f"{r['s'] / base:.2f}" if base else "-"
+        rss_mb = f"{r['rss_mb']:.0f}" if r["rss_mb"] else "-"
         print(f"{r['model']:<12} {r['engine']:<13} {r['s']:>8.3f} ({r['min']:.3f}-{r['max']:.3f}) {ratio:>15} "
-              f"{r['first_s']:>13.1f} {r['rss_mb']:>12.0f}")
+              f"{r['first_s']:>13.1f} {rss_mb:>12}")
     return rows
 
 
@@ -489,7 +507,7 @@ def main() -> int:
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--engines", action="store_true", help="only the engines: default, fast, compiled, onnxruntime, "
                     "transformers on dfine-n, dfine-l, gdino-tiny (--quick: dfine-n without compiled, 1 run)")
-    ap.add_argument("--engine-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--engine-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEVICE, BACKEND, DTYPE
@@ -505,13 +523,13 @@ def main() -> int:
         export_child(*args.export_child)
         return 0
     if args.engine_child:
-        engine_child(*args.engine_child[:3], int(args.engine_child[3]))
+        engine_child(*args.engine_child)
         return 0
     if args.engines:
         quick = args.quick
         engines = [e for e in ENGINES if e != "compiled"] if quick else ENGINES
         rows = bench_engines(["dfine-n"] if quick else args.models or ["dfine-n", "dfine-l", "gdino-tiny"], engines,
-                             1 if quick else args.runs)
+                             1 if quick else args.runs, not args.no_rss)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
