@@ -19,13 +19,15 @@ forward and forward + backward, on the CPU and on CUDA where there is one.
 each engine a user can pick: ours (default), ours after fast_inference (fast), torch.compile of ours (compiled,
 inductor; the first call, which compiles, reported apart), our ONNX export (fixed to the input's size) in onnxruntime
 with one intra-op thread per core, and transformers. Per model all engines are built in one process and called
-once (timed apart), then --runs turns of one call each; ratios are to transformers' median; each engine's peak RSS
-is that of a fresh process that builds and calls only it (--no-rss skips them).
+once (timed apart), then --runs turns of one timed call each, right after an untimed one of the same engine; ratios
+are to transformers' median; each engine's peak RSS is that of a fresh process that builds and calls only it
+(--no-rss skips them).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -34,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TESTS = Path(__file__).parent
@@ -378,8 +381,9 @@ def child(*args: str) -> dict | None:
 
 
 def bench_engines(names: list[str], engines: list[str], runs: int, rss: bool) -> list[dict]:
-    """Per model: every engine built in this process and called once (compiling; timed apart), then `runs` turns of
-    one timed call each, in turns (a change in the machine's load hits all alike); peak RSS in fresh processes."""
+    """Per model: every engine built in this process and called once (compiling; timed apart), then `runs` turns of one
+    timed call each, right after an untimed one of the same engine, in turns (a change in the machine's load hits all
+    alike); peak RSS in fresh processes."""
     import tempfile
 
     rows = []
@@ -397,6 +401,7 @@ def bench_engines(names: list[str], engines: list[str], runs: int, rss: bool) ->
                 times = {e: [] for e in engines}
                 for _ in range(runs):
                     for e, fn in fns.items():
+                        fn()  # untimed: the timed call runs on the heap its own engine left, not another's
                         t = time.perf_counter()
                         fn()
                         times[e].append(time.perf_counter() - t)
@@ -404,17 +409,83 @@ def bench_engines(names: list[str], engines: list[str], runs: int, rss: bool) ->
             rows += [{"model": name, "engine": e, "first_s": first[e], "s": statistics.median(times[e]),
                       "min": min(times[e]), "max": max(times[e]),
                       "rss_mb": child("--engine-child", name, e, path)["rss_mb"] if rss else None} for e in engines]
+            print_engines([r for r in rows if r["model"] == name], runs)  # each model as it is done: runs are long
+    return rows
+
+
+def print_engines(rows: list[dict], runs: int) -> None:
     print(f"\nengines: torch {torch.__version__}, {torch.get_num_threads()} threads, onnxruntime on {os.cpu_count()}, "
           f"float32, batch 1, median of {runs} turns after a first call, load average {os.getloadavg()[0]:.1f}")
     print(f"{'model':<12} {'engine':<13} {'s (min-max)':>22} {'x transformers':>15} {'first call s':>13} "
           f"{'peak RSS MB':>12}")
     for r in rows:
-        base = next((b["s"] for b in rows if b["model"] == r["model"] and b["engine"] == "transformers"), None)
+        base = next((b["s"] for b in rows if b["engine"] == "transformers"), None)
         ratio = f"{r['s'] / base:.2f}" if base else "-"
         rss_mb = f"{r['rss_mb']:.0f}" if r["rss_mb"] else "-"
         print(f"{r['model']:<12} {r['engine']:<13} {r['s']:>8.3f} ({r['min']:.3f}-{r['max']:.3f}) {ratio:>15} "
-              f"{r['first_s']:>13.1f} {rss_mb:>12}")
-    return rows
+              f"{r['first_s']:>13.1f} {rss_mb:>12}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# --autocast: training steps of the two recipes trained here (notebooks/train_*.ipynb), float32 against bfloat16
+# autocast, from the same weights on the same batches: seconds a step and the loss each gives
+
+
+def recipe(name: str):
+    """The notebooks' model, from the same seed, and its step -> batch function (shape scenes)."""
+    import dfine
+    import gdino
+
+    sys.path.insert(0, str(TESTS.parent / "notebooks"))
+    import shapes
+
+    config = json.loads((TESTS / "data" / "configs" / ("dfine_n_coco.json" if name == "dfine-n" else
+                                                       "grounding-dino-tiny.json")).read_text())
+    torch.manual_seed(0)
+    if name == "dfine-n":  # train_dfine.ipynb: nano, 12 classes, learning batch norms, 320x320, batch 8
+        config.update(id2label={str(k): p for k, p in enumerate(shapes.SHAPE_PHRASES)},
+                      label2id={p: k for k, p in enumerate(shapes.SHAPE_PHRASES)}, freeze_backbone_batch_norms=False)
+        model = dfine.DFine(dfine.DFineConfig.from_dict(config))
+        return model, lambda t: dict(zip(["pixel_values", "labels"], shapes.dfine_batch(range(8 * t, 8 * t + 8),
+                                                                                          (320, 320))))
+    config["backbone_config"].update(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[2, 4, 8, 16], window_size=8,
+                                     drop_path_rate=0.0)  # train_gdino.ipynb's small model, 256x256, batch 4
+    config["text_config"].update(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=192,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config.update(d_model=96, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=384, decoder_ffn_dim=384, num_queries=100, auxiliary_loss=True, dropout=0.0,
+                  fusion_droppath=0.0)
+    model = gdino.GroundingDino(gdino.GroundingDinoConfig.from_dict(config))
+    model.tokenizer = gdino.load_tokenizer(TESTS / "data" / "grounding-dino-tiny")
+    return model, lambda t: shapes.gdino_batch(model, range(4 * t, 4 * t + 4), 256, np.random.default_rng(t))
+
+
+def bench_autocast(steps: int) -> None:
+    print(f"\ntraining steps (forward, loss, backward, AdamW), {torch.get_num_threads()} threads, {steps} steps from "
+          f"the same weights and batches; the first 2 untimed")
+    for name in ["dfine-n", "gdino-small"]:
+        model, batch = recipe(name)
+        batches = [batch(t) for t in range(steps)]
+        runs = {}
+        for bf16 in (False, True):
+            m = copy.deepcopy(model).train()
+            opt = torch.optim.AdamW(m.parameters(), lr=2e-4, weight_decay=1e-4)
+            torch.manual_seed(1)  # the same denoising noise
+            times, losses = [], []
+            for b in batches:
+                t = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = m(**b).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                times.append(time.perf_counter() - t)
+                losses.append(loss.item())
+            runs[bf16] = statistics.median(times[2:]), losses
+        (s32, l32), (s16, l16) = runs[False], runs[True]
+        print(f"{name:<12} s/step float32 {s32:.2f}, bfloat16 autocast {s16:.2f} ({s16 / s32:.2f}x); loss float32 "
+              f"{l32[0]:.2f} -> {l32[-1]:.2f}, bfloat16 {l16[0]:.2f} -> {l16[-1]:.2f}, at most "
+              f"{max(abs(a - b) for a, b in zip(l32, l16)):.2f} apart")
 
 
 # -----------------------------------------------------------------------------
@@ -507,6 +578,8 @@ def main() -> int:
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--engines", action="store_true", help="only the engines: default, fast, compiled, onnxruntime, "
                     "transformers on dfine-n, dfine-l, gdino-tiny (--quick: dfine-n without compiled, 1 run)")
+    ap.add_argument("--autocast", type=int, metavar="STEPS", help="only training steps of the recipes trained here "
+                    "(D-FINE N, the small Grounding DINO), float32 against bfloat16 autocast, STEPS each")
     ap.add_argument("--engine-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -524,6 +597,9 @@ def main() -> int:
         return 0
     if args.engine_child:
         engine_child(*args.engine_child)
+        return 0
+    if args.autocast:
+        bench_autocast(args.autocast)
         return 0
     if args.engines:
         quick = args.quick

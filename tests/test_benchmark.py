@@ -27,3 +27,12 @@ def test_benchmark_engines_quick_prints_each_engine():
     rows = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.startswith("dfine-n ")}
     assert set(rows) == {"default", "fast", "onnxruntime", "transformers"}, r.stdout
     assert rows["transformers"][4] == "1.00" and all(float(row[4]) > 0 and float(row[-1]) > 0 for row in rows.values())
+
+
+def test_benchmark_autocast_prints_both_recipes():
+    """--autocast 3: float32 and bfloat16-autocast training steps of both recipes trained here, with their losses."""
+    script = Path(__file__).parent / "benchmark.py"
+    r = subprocess.run([sys.executable, str(script), "--autocast", "3"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("dfine-n ", "gdino-small "))]
+    assert len(rows) == 2 and all("bfloat16 autocast" in row and "apart" in row for row in rows), r.stdout
