@@ -66,11 +66,13 @@ def pixels(boxes: torch.Tensor, size) -> list:
     return (common.center_to_corners(boxes) * torch.tensor([w, h, w, h])).tolist()
 
 
-def label(ax, x, y, text, colour, below=False, right=False) -> None:
+def label(ax, x, y, text, colour, below=False, right=False, stack=0) -> None:
     """White text on a dark box edged in `colour`: legible on any background. At (x, y), above it (or below), its
-    left end there (or its right end)."""
-    ax.text(x, y, text, color="white", fontsize=7, va="top" if below else "bottom", ha="right" if right else "left",
-            bbox=dict(facecolor="black", alpha=0.75, pad=1.2, edgecolor=colour, linewidth=1))
+    left end there (or its right end); the `stack`-th label at one point goes below the ones before it."""
+    below, stack = below or stack > 0, stack - (stack > 0 and not below)  # above: only the first; then downwards
+    ax.annotate(text, (x, y), xytext=(0, -10 * stack), textcoords="offset points", annotation_clip=False,
+                color="white", fontsize=7, va="top" if below else "bottom", ha="right" if right else "left",
+                bbox=dict(facecolor="black", alpha=0.75, pad=1.2, edgecolor=colour, linewidth=1))
 
 
 def draw_boxes(ax, boxes, colours, labels=None, lw=1.5) -> None:
@@ -117,7 +119,7 @@ def draw_detections(ax, image, dets: dict, truth: dict | None = None, title: str
     """A detection panel: the image, the ground truth (thin white), each detection styled by its kind (judge) with
     its name and score on a dark label, the missed objects named; a legend of the kinds shown. Returns the kinds."""
     show(ax, image, title)
-    kinds, missed = judge(dets, truth)
+    kinds, missed, placed = *judge(dets, truth), []
     for x0, y0, x1, y1 in [] if truth is None else truth["boxes"]:
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=0.8))
     for j in missed:
@@ -131,8 +133,12 @@ def draw_detections(ax, image, dets: dict, truth: dict | None = None, title: str
         # a duplicate's label inside its box, at the bottom: the box it repeats has its label on top; a box at the
         # top border has its label inside, below its top edge
         top = y0 < 0.05 * image.size[1]
-        label(ax, x1 if right else x0, y1 if kind == "duplicate" else y0, text, STYLES[kind]["edgecolor"],
-              below=top and kind != "duplicate", right=right)
+        x, y, below = x1 if right else x0, y1 if kind == "duplicate" else y0, top and kind != "duplicate"
+        # one box may carry several names (one query, two classes): their labels stack instead of covering each other
+        near = 0.03 * max(image.size)  # labels closer than this share a point
+        stack = sum(abs(x - a) < near and abs(y - b) < near and (below, right) == c for a, b, c in placed)
+        placed.append((x, y, (below, right)))
+        label(ax, x, y, text, STYLES[kind]["edgecolor"], below=below, right=right, stack=stack)
     if legend:
         shown = [k for k in STYLES if k in kinds or (k == "missed" and missed)]
         handles = [Line2D([], [], color="white", lw=0.8, label="ground truth")] if truth is not None else []
