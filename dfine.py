@@ -362,9 +362,9 @@ def once(fn, *args):
 
 
 def per_size(fn, *args):
-    """fn(*args) from the cache (once); in a graph being traced for export computed afresh, from the traced input's
-    size, and never kept (the cache would hold the tracer's tensors)."""
-    return fn(*args) if torch.jit.is_tracing() or torch.compiler.is_exporting() else once(fn, *args)
+    """fn(*args) from the cache (once); in a graph being traced (export, torch.compile) computed afresh, from the
+    traced input's size, and never kept (the cache would hold the tracer's tensors; dynamo would trace through it)."""
+    return fn(*args) if torch.jit.is_tracing() or torch.compiler.is_compiling() else once(fn, *args)
 
 
 class SelfAttention(nn.Module):
