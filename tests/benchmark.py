@@ -599,6 +599,8 @@ def main() -> int:
         engine_child(*args.engine_child)
         return 0
     if args.autocast:
+        if args.autocast < 3:
+            ap.error("--autocast needs at least 3 steps: the first 2 are not timed")
         bench_autocast(args.autocast)
         return 0
     if args.engines:
