@@ -18,7 +18,8 @@ forward and forward + backward, on the CPU and on CUDA where there is one.
 `--engines`: D-FINE N and L at 640x640 and Grounding DINO tiny at 800x1066 (the cats photo, the test weights) through
 each engine a user can pick: ours (default), ours after fast_inference (fast), torch.compile of ours (compiled,
 inductor; the first call, which compiles, reported apart), our ONNX export (fixed to the input's size) in onnxruntime
-with one intra-op thread per core, and transformers. Per model all engines are built in one process and called
+with one intra-op thread per core, for D-FINE also the export of ours after fast_inference (onnx-fast), and
+transformers. Per model all engines are built in one process and called
 once (timed apart), then --runs turns of one timed call each, right after an untimed one of the same engine; ratios
 are to transformers' median; each engine's peak RSS is that of a fresh process that builds and calls only it
 (--no-rss skips them).
@@ -326,7 +327,7 @@ def print_table(rows: list[dict]) -> None:
 # -----------------------------------------------------------------------------
 # --engines: each engine alone in a fresh process: build, a first call (compiles), timed runs, peak RSS
 
-ENGINES = ["default", "fast", "compiled", "onnxruntime", "transformers"]
+ENGINES = ["default", "fast", "compiled", "onnxruntime", "onnx-fast", "transformers"]  # onnx-fast: D-FINE only
 
 
 def engine_inputs(name: str) -> dict:
@@ -343,8 +344,12 @@ def engine_inputs(name: str) -> dict:
     return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, **gdino.tokenize(tokenizer, [PROMPT])}
 
 
-def export_child(name: str, path: str) -> None:
+def export_child(name: str, path: str, engine: str = "onnxruntime") -> None:
+    import dfine
+
     ours = case(name, build=("ours",))[0]
+    if engine == "onnx-fast":
+        dfine.fast_inference(ours)
     ours.export_onnx(path, tuple(engine_inputs(name)["pixel_values"].shape[-2:]))
 
 
@@ -353,8 +358,9 @@ def engine_fn(name: str, engine: str, onnx_path: str):
     import dfine
     import gdino
 
-    if engine == "onnxruntime":
-        model, inputs = common.OnnxModel(onnx_path, threads=os.cpu_count()), engine_inputs(name)
+    if engine in ("onnxruntime", "onnx-fast"):
+        path = onnx_path.replace(".onnx", "-fast.onnx") if engine == "onnx-fast" else onnx_path
+        model, inputs = common.OnnxModel(path, threads=os.cpu_count()), engine_inputs(name)
         return lambda: model(**inputs)
     ours, run_ours, run_theirs, _ = case(name, build=("theirs",) if engine == "transformers" else ("ours",))
     if engine == "fast":
@@ -390,15 +396,18 @@ def bench_engines(names: list[str], engines: list[str], runs: int, rss: bool) ->
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             path = str(Path(tmp) / f"{name}.onnx")
-            if "onnxruntime" in engines:
+            model_engines = [e for e in engines if e != "onnx-fast" or name.startswith("dfine-")]
+            if "onnxruntime" in model_engines:
                 child("--export-child", name, path)
-            fns, first = {e: engine_fn(name, e, path) for e in engines}, {}
+            if "onnx-fast" in model_engines:
+                child("--export-child", name, path.replace(".onnx", "-fast.onnx"), "onnx-fast")
+            fns, first = {e: engine_fn(name, e, path) for e in model_engines}, {}
             with torch.inference_mode():
                 for e, fn in fns.items():
                     t = time.perf_counter()
                     fn()
                     first[e] = time.perf_counter() - t
-                times = {e: [] for e in engines}
+                times = {e: [] for e in model_engines}
                 for _ in range(runs):
                     for e, fn in fns.items():
                         fn()  # untimed: the timed call runs on the heap its own engine left, not another's
@@ -408,7 +417,8 @@ def bench_engines(names: list[str], engines: list[str], runs: int, rss: bool) ->
             del fns
             rows += [{"model": name, "engine": e, "first_s": first[e], "s": statistics.median(times[e]),
                       "min": min(times[e]), "max": max(times[e]),
-                      "rss_mb": child("--engine-child", name, e, path)["rss_mb"] if rss else None} for e in engines]
+                      "rss_mb": child("--engine-child", name, e, path)["rss_mb"] if rss else None}
+                     for e in model_engines]
             print_engines([r for r in rows if r["model"] == name], runs)  # each model as it is done: runs are long
     return rows
 
@@ -577,11 +587,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--engines", action="store_true", help="only the engines: default, fast, compiled, onnxruntime, "
-                    "transformers on dfine-n, dfine-l, gdino-tiny (--quick: dfine-n without compiled, 1 run)")
+                    "onnx-fast (D-FINE), transformers on dfine-n, dfine-l, gdino-tiny (--quick: dfine-n without "
+                    "compiled, 1 run)")
     ap.add_argument("--autocast", type=int, metavar="STEPS", help="only training steps of the recipes trained here "
                     "(D-FINE N, the small Grounding DINO), float32 against bfloat16 autocast, STEPS each")
     ap.add_argument("--engine-child", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--export-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEVICE, BACKEND, DTYPE
     DEVICE, BACKEND, DTYPE = torch.device(args.device), args.backend, getattr(torch, args.dtype)

@@ -18,14 +18,15 @@ def test_benchmark_quick_prints_the_table():
 
 
 def test_benchmark_engines_quick_prints_each_engine():
-    """--engines --quick: D-FINE N through default, fast, onnxruntime (our export) and transformers, each in a process
-    of its own, with a ratio to transformers and a peak RSS each (compiled is left to the full run: minutes)."""
+    """--engines --quick: D-FINE N through default, fast, onnxruntime (our export), onnx-fast (the export of ours after
+    fast_inference) and transformers, each in a process of its own, with a ratio to transformers and a peak RSS each
+    (compiled is left to the full run: minutes)."""
     script = Path(__file__).parent / "benchmark.py"
     r = subprocess.run([sys.executable, str(script), "--engines", "--quick"], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.startswith("dfine-n ")}
-    assert set(rows) == {"default", "fast", "onnxruntime", "transformers"}, r.stdout
+    assert set(rows) == {"default", "fast", "onnxruntime", "onnx-fast", "transformers"}, r.stdout
     assert rows["transformers"][4] == "1.00" and all(float(row[4]) > 0 and float(row[-1]) > 0 for row in rows.values())
 
 

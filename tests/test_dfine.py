@@ -165,6 +165,26 @@ def test_fast_keeps_the_detections(pair):
             assert_close(f"{size} {case} fast boxes", out.pred_boxes[b, list(i)], theirs.pred_boxes[b, list(j)])
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_fast_attention_and_stem_pool_keep_the_bits(backend):
+    """Two parts of fast_inference change layouts, not values: AxisFirstAttention (the sampling offsets by axis) and
+    StemPool (one MaxPool in an ONNX graph) give the bits of the modules they replace."""
+    model = dfine.DFine.from_pretrained(checkpoint("l"))  # 3 levels, 4 points each: rows (head, point, x|y) reordered
+    g = torch.Generator().manual_seed(0)
+    shapes = [(20, 20), (10, 10), (5, 5)]
+    query, memory = torch.randn(2, 30, 256, generator=g), torch.randn(2, 525, 256, generator=g)  # (B, Q, d), (B, S, d)
+    ref = torch.rand(2, 30, 1, 4, generator=g) * 0.5 + 0.25  # (B, Q, 1, 4) boxes inside the image
+    x = torch.randn(1, 32, 17, 23, generator=g)  # (B, C, H, W)
+    with torch.no_grad():
+        before = [t.clone() for t in model.decoder.layers[0].encoder_attn(query, ref, memory, shapes, backend)]
+        pooled = dfine.Embedder.pool(x)
+        dfine.fast_inference(model)
+        after = model.decoder.layers[0].encoder_attn(query, ref, memory, shapes, backend)
+    assert isinstance(model.decoder.layers[0].encoder_attn, dfine.AxisFirstAttention)
+    assert all(torch.equal(b, a) for b, a in zip(before, after))  # output, sampling locations, attention weights
+    assert torch.equal(model.backbone.embedder.pool(x), pooled)
+
+
 def test_preprocess_matches_transformers_pil_processor():
     from transformers import RTDetrImageProcessorPil
 

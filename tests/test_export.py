@@ -8,6 +8,7 @@ as they are. After export the model must compute exactly what it computed before
 """
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import dfine_reference
@@ -136,6 +137,21 @@ def test_dfine_detect_through_onnxruntime(dfine_export):
     for ref, got in zip(model.detect(photos, threshold=0.0, top_k=20),
                         model.detect(photos, threshold=0.0, top_k=20, engine=onnx_model)):
         assert set(got) == set(ref) and assert_found_again(ref, got, "labels") == 20
+
+
+def test_dfine_fast_export_keeps_the_best_20(dfine_export, tmp_path):
+    """The export of the model after fast_inference (folded convs, the stem pool one MaxPool, the sampling offsets by
+    axis) rounds otherwise before the top-300; held to the default's 20 best detections (IoU >= 0.99, same class)."""
+    import onnx
+
+    model, photos, *_ = dfine_export
+    fast = dfine.fast_inference(copy.deepcopy(model))
+    fast.export_onnx(tmp_path / "fast.onnx", (640, 640))
+    assert "MaxPool" in {node.op_type for node in onnx.load(str(tmp_path / "fast.onnx")).graph.node}
+    engine = common.OnnxModel(tmp_path / "fast.onnx")
+    for ref, got in zip(model.detect(photos, threshold=0.0, top_k=20),
+                        model.detect(photos, threshold=0.0, top_k=20, engine=engine)):
+        assert assert_found_again(ref, got, "labels") == 20
 
 
 def test_dfine_onnx_refuses_what_forward_refuses(dfine_export):
