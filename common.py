@@ -605,6 +605,9 @@ def export_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], path: str
             for m, training in modes.items():
                 m.train(training)
     proto = onnx.load(str(path))
+    for node in proto.graph.node:  # the tracer writes absent optional inputs as "" (Pad's value): onnxruntime then
+        while node.input and not node.input[-1]:  # fuses no Pad into the conv after it; absent they mean the same
+            node.input.pop()
     for k, v in metadata.items():
         proto.metadata_props.add(key=k, value=str(v))
     onnx.save(proto, str(path))

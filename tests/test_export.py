@@ -147,7 +147,9 @@ def test_dfine_fast_export_keeps_the_best_20(dfine_export, tmp_path):
     model, photos, *_ = dfine_export
     fast = dfine.fast_inference(copy.deepcopy(model))
     fast.export_onnx(tmp_path / "fast.onnx", (640, 640))
-    assert "MaxPool" in {node.op_type for node in onnx.load(str(tmp_path / "fast.onnx")).graph.node}
+    graph = onnx.load(str(tmp_path / "fast.onnx")).graph
+    assert "MaxPool" in {node.op_type for node in graph.node}
+    assert all(node.input[-1] for node in graph.node if node.input)  # none ends in "": onnxruntime fuses Pad into Conv
     engine = common.OnnxModel(tmp_path / "fast.onnx")
     for ref, got in zip(model.detect(photos, threshold=0.0, top_k=20),
                         model.detect(photos, threshold=0.0, top_k=20, engine=engine)):
