@@ -200,9 +200,12 @@ def assert_near_fp32(got: dict, fp32: dict, label: str, score_tol: float) -> Non
 def test_gdino_bf16_detections_are_float32_pixels():
     """detect on a bf16 model: float32 scores and boxes, post-processed in float32 from the network's bf16 outputs.
     Corners and pixels are not rounded to bf16's 8 significant bits once more (which put every coordinate between 512
-    and 1024 px on a multiple of 4), and the clear detection is the fp32 model's within the bounds
-    test_bf16_against_our_fp32 holds for bf16's network error (0.012 of the image, 0.015 in probability; measured
-    1.2 px and 0.009 here). The shipped gdino-shapes model on its scene, upscaled to 1024 px so that boxes pass 512."""
+    and 1024 px on a multiple of 4), and the clear detection is the fp32 model's within bf16's network error: 0.012
+    of the image (measured 1.2-1.7 px) and 0.025 in probability, as for D-FINE below. The probability error depends on
+    the CPU's bf16 arithmetic: measured 0.002 where oneDNN runs AVX-512 without bf16 instructions, 0.011 on AVX2, and
+    0.019 where its GEMMs take AVX512-BF16 dot products (transformers in bf16 gives the same bits as ours on each:
+    test_gdino_half_matches_transformers_in_half). The score sits near 0.5, where a probability moves most per
+    logit. The shipped gdino-shapes model on its scene, upscaled to 1024 px so that boxes pass 512."""
     folder = ROOT / "notebooks" / "models" / "gdino-shapes"
     image = Image.open(folder.parent / "shapes_scene.png").convert("RGB").resize((1024, 1024), Image.BICUBIC)
     labels = ["yellow circle", "blue triangle", "red square"]
@@ -218,7 +221,7 @@ def test_gdino_bf16_detections_are_float32_pixels():
     assert out.pred_boxes.dtype == torch.bfloat16
     keep = out.logits[0].sigmoid().amax(-1) > 0.25
     assert torch.equal(got["boxes"], common.center_to_corners(out.pred_boxes[0][keep].float()) * 1024)
-    assert_near_fp32(got, fp32, "label_ids", score_tol=0.015)
+    assert_near_fp32(got, fp32, "label_ids", score_tol=0.025)
 
 
 def test_dfine_bf16_detections_are_float32_pixels():
